@@ -1,0 +1,228 @@
+"""Stage attention over a paged KV pool.
+
+Math, per query group g and head h (bidirectional; no mask inside the pages a group reads)::
+
+    K_g = concat(k_pool[p] for p in pages[g])          # [n_g * T, D]
+    V_g = concat(v_pool[p] for p in pages[g])
+    out[q] = softmax(scale * q K_g^T) V_g               # for every query token q of group g
+
+Shapes:
+    q:       [Nq, H, D]  queries of all groups, packed along Nq (see `PageTable.q_offsets`)
+    k_pool:  [P, T, H, D] one layer of the pool: P pages of T tokens (T = tokens per latent frame)
+    v_pool:  [P, T, H, D]
+    table:   `PageTable` with G groups
+    returns: [Nq, H, D] in q's dtype
+
+A group's own frames are written to their pages (`rope_write`) before this call and listed in its page
+list, so tokens of one stage see each other (bidirectional) and earlier stages only through the pages
+the layout grants: causality lives in the page lists, not in a mask. One launch serves every group of
+a batch (many segments, or the query stages of a teacher-forcing sequence); keyframe pages shared by
+several groups are read in place. A group with no pages returns zeros.
+
+Limits (what the tests cover): fp32 and fp16 everywhere (the Triton interpreter included); bf16 on
+CUDA only; head dims up to 256 (the Triton path pads D to a power of two); any T (tiles are masked
+at page ends, e.g. T = 1560 with 64-token tiles); groups of unequal length and page count.
+The Triton kernel keeps the online softmax in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._dispatch import resolve, triton_available
+from .page_table import PageTable
+
+if triton_available():
+    import triton
+    import triton.language as tl
+else:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+
+_LOG2E = 1.4426950408889634
+
+
+def _check(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: PageTable) -> None:
+    if not isinstance(table, PageTable):
+        raise TypeError(f"table: expected a PageTable, got {type(table).__name__}")
+    if q.dim() != 3:
+        raise ValueError(f"q: expected [Nq, H, D], got shape {tuple(q.shape)}")
+    if k_pool.dim() != 4 or k_pool.shape != v_pool.shape:
+        raise ValueError(
+            f"k_pool/v_pool: expected equal shapes [P, T, H, D], got {tuple(k_pool.shape)} and {tuple(v_pool.shape)}"
+        )
+    if k_pool.shape[2:] != q.shape[1:]:
+        raise ValueError(f"q heads/head_dim {tuple(q.shape[1:])} do not match the pool's {tuple(k_pool.shape[2:])}")
+    if q.shape[0] != table.num_queries:
+        raise ValueError(f"q: the table packs {table.num_queries} query tokens, q has {q.shape[0]}")
+    if q.dtype != k_pool.dtype or q.dtype != v_pool.dtype:
+        raise TypeError(f"q, k_pool, v_pool must share a dtype, got {q.dtype}, {k_pool.dtype}, {v_pool.dtype}")
+    if q.shape[-1] > 256:
+        raise ValueError(f"head_dim {q.shape[-1]} is above the supported 256")
+
+
+# --------------------------------------------------------------------------------------------- torch
+def stage_attention_torch(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: PageTable, scale: float | None = None
+) -> torch.Tensor:
+    """Reference and CPU backend: gather each group's pages, then SDPA.
+
+    Cost is proportional to the pages actually read. Uniform tables (every group the same length and
+    page count, the usual case of a batch of segments at one stage) run as one batched SDPA call.
+    """
+    _check(q, k_pool, v_pool, table)
+    nq, heads, dim = q.shape
+    tokens = k_pool.shape[1]
+    out = q.new_zeros(nq, heads, dim)
+    if table.uniform():
+        groups, length, npages = table.num_groups, table.q_length(0), len(table.host_pages[0])
+        if npages == 0 or length == 0:
+            return out
+        idx = torch.tensor(table.host_pages, dtype=torch.long, device=k_pool.device)
+        k = k_pool[idx].reshape(groups, npages * tokens, heads, dim).transpose(1, 2)
+        v = v_pool[idx].reshape(groups, npages * tokens, heads, dim).transpose(1, 2)
+        qg = q.view(groups, length, heads, dim).transpose(1, 2)
+        o = F.scaled_dot_product_attention(qg, k, v, scale=scale)
+        return o.transpose(1, 2).reshape(nq, heads, dim)
+    for g, pages in enumerate(table.host_pages):
+        a, b = table.host_q_offsets[g], table.host_q_offsets[g + 1]
+        if not pages or a == b:
+            continue
+        idx = torch.tensor(pages, dtype=torch.long, device=k_pool.device)
+        k = k_pool[idx].reshape(1, len(pages) * tokens, heads, dim).transpose(1, 2)
+        v = v_pool[idx].reshape(1, len(pages) * tokens, heads, dim).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q[a:b].unsqueeze(0).transpose(1, 2), k, v, scale=scale)
+        out[a:b] = o.transpose(1, 2)[0]
+    return out
+
+
+# -------------------------------------------------------------------------------------------- triton
+if triton is not None:
+
+    @triton.jit
+    def _stage_attention_kernel(
+        q_ptr, k_ptr, v_ptr, o_ptr, pages_ptr, counts_ptr, q_offsets_ptr,
+        q_stride_n, q_stride_h,
+        k_stride_p, k_stride_t, k_stride_h,
+        v_stride_p, v_stride_t, v_stride_h,
+        o_stride_n, o_stride_h,
+        pages_stride_g,
+        tokens_per_page, head_dim, qk_scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        pid_m = tl.program_id(0)
+        g = tl.program_id(1)
+        h = tl.program_id(2)
+        q_start = tl.load(q_offsets_ptr + g)
+        q_len = tl.load(q_offsets_ptr + g + 1) - q_start
+        if pid_m * BLOCK_M >= q_len:
+            return
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_ok = offs_m < q_len
+        d_ok = offs_d < head_dim
+        q_ptrs = q_ptr + (q_start + offs_m)[:, None] * q_stride_n + h * q_stride_h + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        n_pages = tl.load(counts_ptr + g)
+        for i in range(0, n_pages):
+            page = tl.load(pages_ptr + g * pages_stride_g + i).to(tl.int64)
+            k_base = k_ptr + page * k_stride_p + h * k_stride_h
+            v_base = v_ptr + page * v_stride_p + h * v_stride_h
+            for n0 in range(0, tokens_per_page, BLOCK_N):
+                n_ok = (n0 + offs_n) < tokens_per_page
+                k = tl.load(
+                    k_base + (n0 + offs_n)[:, None] * k_stride_t + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :],
+                    other=0.0,
+                )
+                if IEEE:
+                    s = tl.dot(q, tl.trans(k), input_precision="ieee")
+                else:
+                    s = tl.dot(q, tl.trans(k))
+                s = s * qk_scale
+                s = tl.where(n_ok[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                v = tl.load(
+                    v_base + (n0 + offs_n)[:, None] * v_stride_t + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :],
+                    other=0.0,
+                )
+                if IEEE:
+                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+                else:
+                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                m_i = m_new
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        o_ptrs = o_ptr + (q_start + offs_m)[:, None] * o_stride_n + h * o_stride_h + offs_d[None, :]
+        tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+def _block_sizes(head_dim: int, on_cuda: bool) -> tuple[int, int, int, int]:
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if not on_cuda:  # interpreter: fewer, larger tiles are faster (numpy does the inner work)
+        return 32, 32, block_d, 1
+    if block_d <= 64:
+        return 128, 64, block_d, 4
+    return 128, 64, block_d, 8
+
+
+def stage_attention_triton(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: PageTable, scale: float | None = None
+) -> torch.Tensor:
+    """Launcher: one program per (query tile, group, head); page lists are read on the device."""
+    _check(q, k_pool, v_pool, table)
+    if k_pool.stride(-1) != 1 or v_pool.stride(-1) != 1:
+        raise ValueError("k_pool/v_pool: the head dimension must be contiguous")
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    nq, heads, dim = q.shape
+    out = torch.empty_like(q)
+    if nq == 0:
+        return out
+    table = table.to(q.device)
+    scale = (1.0 / math.sqrt(dim)) if scale is None else float(scale)
+    block_m, block_n, block_d, warps = _block_sizes(dim, q.is_cuda)
+    grid = (triton.cdiv(table.max_q_len, block_m), table.num_groups, heads)
+    _stage_attention_kernel[grid](
+        q, k_pool, v_pool, out, table.pages, table.counts, table.q_offsets,
+        q.stride(0), q.stride(1),
+        k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
+        v_pool.stride(0), v_pool.stride(1), v_pool.stride(2),
+        out.stride(0), out.stride(1),
+        table.pages.stride(0),
+        k_pool.shape[1], dim, scale * _LOG2E,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=q.dtype == torch.float32,
+        num_warps=warps,
+    )  # fmt: skip
+    return out
+
+
+# -------------------------------------------------------------------------------------------- public
+def stage_attention(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: PageTable, scale: float | None = None
+) -> torch.Tensor:
+    """Attention of packed query groups over the pool pages each group lists (see the module docstring).
+
+    Args:
+        q: ``[Nq, H, D]`` queries, packed by `table.q_offsets`.
+        k_pool, v_pool: ``[P, T, H, D]`` one layer of the KV pool.
+        table: the pages each group reads (own pages included).
+        scale: softmax scale, default ``1/sqrt(D)``.
+
+    Returns:
+        ``[Nq, H, D]`` in q's dtype.
+    """
+    if resolve("stage_attention", q, k_pool, v_pool) == "triton":
+        return stage_attention_triton(q, k_pool, v_pool, table, scale)
+    return stage_attention_torch(q, k_pool, v_pool, table, scale)

@@ -1,0 +1,6 @@
+"""mmpl_fast: Macro-from-Micro Planning for long video generation with Wan2.1-family causal DiTs."""
+
+from .config import PRESETS, ModelConfig
+
+__all__ = ["PRESETS", "ModelConfig"]
+__version__ = "0.1.0"

@@ -1,0 +1,207 @@
+"""Layouts: the stages of one segment, as data.
+
+A stage is the set of latent frames denoised together, plus the frames (produced by earlier stages) it
+may attend to. MMPL, plain autoregressive generation and the ablations are all layouts, and one engine
+runs any of them. The same object decides visibility at inference (page lists) and in training (the
+teacher-forcing mask), so the two cannot disagree.
+
+MMPL text-to-video as released (segment of 21 latent frames)::
+
+    stage 0  start     0 1                       (noise, or re-encoded from the previous segment)
+    stage 1  plan      2 3 | 10 11 12 | 19 20    reads 0 1
+    stage 2  populate  4..9                      reads 0..3, 10..12        (not 19, 20)
+    stage 3  populate  13..18                    reads 0..12, 19, 20
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+ROLES = ("start", "plan", "populate", "block")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Frames denoised together (`frames`) and the earlier frames they attend to (`reads`)."""
+
+    frames: tuple[int, ...]
+    reads: tuple[int, ...] = ()
+    role: str = "block"
+
+    @property
+    def visible(self) -> tuple[int, ...]:
+        """Frames this stage's tokens attend to: its reads, then itself (bidirectional inside)."""
+        return self.reads + self.frames
+
+
+@dataclass(frozen=True)
+class Layout:
+    """An ordered, validated list of stages covering frames ``0..num_frames-1`` exactly once.
+
+    Attributes:
+        name: a label.
+        num_frames: latent frames per segment.
+        stages: the stages in execution order.
+        handoff: frames of this segment that start the next one, per chain mode (``"terminal"``,
+            ``"middle"``); empty for layouts that do not chain.
+        start_frames: how many leading frames a chained segment takes from its predecessor (re-encoded).
+    """
+
+    name: str
+    num_frames: int
+    stages: tuple[Stage, ...]
+    handoff: dict[str, tuple[int, ...]] = field(default_factory=dict, compare=False)
+    start_frames: int = 0
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    def stage_of(self, frame: int) -> int:
+        for i, s in enumerate(self.stages):
+            if frame in s.frames:
+                return i
+        raise ValueError(f"frame {frame} is not in layout {self.name!r}")
+
+    def frame_visibility(self) -> torch.Tensor:
+        """bool ``[N, N]``: entry (i, j) says whether frame i attends to frame j at inference."""
+        n = self.num_frames
+        vis = torch.zeros(n, n, dtype=torch.bool)
+        for s in self.stages:
+            for i in s.frames:
+                vis[i, list(s.visible)] = True
+        return vis
+
+    def training_visibility(self) -> torch.Tensor:
+        """bool ``[2N, 2N]`` for the teacher-forcing sequence ``[clean | noisy]``.
+
+        Noisy frames of stage k see the noisy frames of stage k and the clean frames stage k reads;
+        clean frames of stage k see the clean frames of stage k and of what it reads — the same
+        visibility as inference, where the cache holds clean (t = 0) keys of earlier stages.
+        """
+        n = self.num_frames
+        vis = torch.zeros(2 * n, 2 * n, dtype=torch.bool)
+        for s in self.stages:
+            clean_cols = list(s.visible)
+            for i in s.frames:
+                vis[i, clean_cols] = True
+                vis[n + i, list(s.reads)] = True
+                vis[n + i, [n + j for j in s.frames]] = True
+        return vis
+
+    def stage_slices(self) -> list[tuple[int, ...]]:
+        return [s.frames for s in self.stages]
+
+
+def validate(layout: Layout) -> None:
+    """Raise ValueError unless every frame is produced exactly once and stages read only earlier frames."""
+    n = layout.num_frames
+    if not isinstance(n, int) or n <= 0:
+        raise ValueError(f"layout {layout.name!r}: num_frames must be a positive int, got {n!r}")
+    if not layout.stages:
+        raise ValueError(f"layout {layout.name!r}: needs at least one stage")
+    produced: set[int] = set()
+    for k, s in enumerate(layout.stages):
+        if s.role not in ROLES:
+            raise ValueError(f"layout {layout.name!r} stage {k}: role {s.role!r} is not one of {ROLES}")
+        if not s.frames:
+            raise ValueError(f"layout {layout.name!r} stage {k}: produces no frames")
+        for f in (*s.frames, *s.reads):
+            if not isinstance(f, int) or not 0 <= f < n:
+                raise ValueError(f"layout {layout.name!r} stage {k}: frame {f!r} is outside 0..{n - 1}")
+        if len(set(s.frames)) != len(s.frames):
+            raise ValueError(f"layout {layout.name!r} stage {k}: lists a frame twice in {s.frames}")
+        again = produced & set(s.frames)
+        if again:
+            raise ValueError(f"layout {layout.name!r} stage {k}: frames {sorted(again)} are produced twice")
+        unready = set(s.reads) - produced
+        if unready:
+            raise ValueError(
+                f"layout {layout.name!r} stage {k}: reads frames {sorted(unready)} that no earlier stage produced"
+            )
+        produced |= set(s.frames)
+    missing = set(range(n)) - produced
+    if missing:
+        raise ValueError(f"layout {layout.name!r}: frames {sorted(missing)} are never produced")
+    for mode, frames in layout.handoff.items():
+        if not frames or any(not 0 <= f < n for f in frames):
+            raise ValueError(f"layout {layout.name!r}: handoff {mode!r} frames {frames} are outside 0..{n - 1}")
+    if not 0 <= layout.start_frames <= len(layout.stages[0].frames):
+        raise ValueError(f"layout {layout.name!r}: start_frames must be within the first stage")
+
+
+def _r(a: int, b: int) -> tuple[int, ...]:
+    return tuple(range(a, b))
+
+
+def mmpl(num_frames: int = 21, early: bool = True, middle: bool = True) -> Layout:
+    """The released MMPL text-to-video layout (DESIGN.md section 3), and its ablations.
+
+    Only the default 21-frame geometry is the released one; `early=False` / `middle=False` give the
+    ablations without early or middle keyframes (those frames are then populated instead).
+    """
+    if num_frames != 21:
+        raise ValueError(f"num_frames: the MMPL layout is defined for 21 latent frames, got {num_frames}")
+    start, early_kf, mid_kf, term_kf = _r(0, 2), _r(2, 4), _r(10, 13), _r(19, 21)
+    plan = (early_kf if early else ()) + (mid_kf if middle else ()) + term_kf
+    first_half = (() if early else early_kf) + _r(4, 10)
+    second_half = _r(13, 19)
+    stages = [
+        Stage(start, (), "start"),
+        Stage(plan, start, "plan"),
+        Stage(first_half, start + (early_kf if early else ()) + (mid_kf if middle else ()), "populate"),
+    ]
+    # Without middle keyframes the second half also produces 10..12 and reads the whole first half.
+    second = (() if middle else mid_kf) + second_half
+    stages.append(Stage(second, start + early_kf + _r(4, 10) + (mid_kf if middle else ()) + term_kf, "populate"))
+    name = "mmpl" + ("" if early else "-no-early") + ("" if middle else "-no-mid")
+    handoff = {"terminal": term_kf}
+    if middle:
+        handoff["middle"] = mid_kf
+    return Layout(name, num_frames, tuple(stages), handoff=handoff, start_frames=len(start))
+
+
+def ar(num_frames: int = 21, block: int = 3) -> Layout:
+    """Self-Forcing style: blocks of `block` frames, each reading every earlier frame."""
+    if not isinstance(block, int) or block <= 0:
+        raise ValueError(f"block must be a positive int, got {block!r}")
+    if not isinstance(num_frames, int) or num_frames <= 0 or num_frames % block:
+        raise ValueError(f"num_frames={num_frames!r} must be a positive multiple of block={block}")
+    stages = tuple(Stage(_r(i, i + block), _r(0, i), "block") for i in range(0, num_frames, block))
+    return Layout(f"ar{block}", num_frames, stages, handoff={"terminal": _r(num_frames - 2, num_frames)})
+
+
+def custom(name: str, num_frames: int, stages: Iterable[Sequence[Sequence[int]]], **kwargs) -> Layout:
+    """A user layout from ``[(frames, reads), ...]`` pairs (validated like the built-in ones)."""
+    built = []
+    for item in stages:
+        frames, reads = item[0], item[1] if len(item) > 1 else ()
+        built.append(Stage(tuple(frames), tuple(reads), item[2] if len(item) > 2 else "block"))
+    return Layout(name, num_frames, tuple(built), **kwargs)
+
+
+LAYOUTS = {
+    "mmpl": lambda: mmpl(),
+    "mmpl-no-early": lambda: mmpl(early=False),
+    "mmpl-no-mid": lambda: mmpl(middle=False),
+    "ar": lambda: ar(),
+}
+
+
+def get_layout(name: str | Layout) -> Layout:
+    """A built-in layout by name (``mmpl``, ``mmpl-no-early``, ``mmpl-no-mid``, ``ar``, ``arN`` for blocks of N)."""
+    if isinstance(name, Layout):
+        return name
+    if not isinstance(name, str):
+        raise TypeError(f"layout must be a name or a Layout, got {type(name).__name__}")
+    if name in LAYOUTS:
+        return LAYOUTS[name]()
+    if name.startswith("ar") and name[2:].isdigit():
+        return ar(block=int(name[2:]))
+    raise ValueError(f"unknown layout {name!r}; choose one of {', '.join(LAYOUTS)}, arN, or pass a Layout")

@@ -1,0 +1,315 @@
+"""Checkpoint loading for the three formats users hold, detected automatically.
+
+1. original Wan: ``diffusion_pytorch_model*.safetensors`` (sharded with an ``.index.json``), keys like
+   ``blocks.0.self_attn.q.weight`` — the names this package uses;
+2. diffusers: a ``transformer/`` folder (or its files), keys like ``blocks.0.attn1.to_q.weight``;
+3. Self-Forcing / CausVid / MMPL ``.pt``: a dict with ``generator_ema`` (else ``generator``) whose keys
+   start with ``model.``.
+
+Only safetensors and ``torch.load(weights_only=True)`` are used: arbitrary pickles are refused. The model
+is built on the meta device and the (memory-mapped) tensors are assigned to it, so a large model is
+never held twice. Every error names the file, and where it applies the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+
+from .config import PRESETS, ModelConfig, resolve_config
+from .model import CausalWanModel
+
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message says which file and why."""
+
+
+# ------------------------------------------------------------------------------------------- key maps
+# (ours = original Wan, diffusers) for keys under blocks.N. and for top-level keys.
+_BLOCK_KEYS = [
+    *[(f"self_attn.{a}.", f"attn1.{b}.") for a, b in [("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("o", "to_out.0")]],
+    *[(f"cross_attn.{a}.", f"attn2.{b}.") for a, b in [("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("o", "to_out.0")]],
+    ("self_attn.norm_q.", "attn1.norm_q."),
+    ("self_attn.norm_k.", "attn1.norm_k."),
+    ("cross_attn.norm_q.", "attn2.norm_q."),
+    ("cross_attn.norm_k.", "attn2.norm_k."),
+    ("norm3.", "norm2."),  # Wan's affine cross-attention pre-norm is diffusers' norm2
+    ("ffn.0.", "ffn.net.0.proj."),
+    ("ffn.2.", "ffn.net.2."),
+    ("modulation", "scale_shift_table"),
+]
+_TOP_KEYS = [
+    ("patch_embedding.", "patch_embedding."),
+    ("time_embedding.0.", "condition_embedder.time_embedder.linear_1."),
+    ("time_embedding.2.", "condition_embedder.time_embedder.linear_2."),
+    ("text_embedding.0.", "condition_embedder.text_embedder.linear_1."),
+    ("text_embedding.2.", "condition_embedder.text_embedder.linear_2."),
+    ("time_projection.1.", "condition_embedder.time_proj."),
+    ("head.modulation", "scale_shift_table"),
+    ("head.head.", "proj_out."),
+]
+
+
+def _rename(key: str, to_diffusers: bool) -> str | None:
+    src, dst = (0, 1) if to_diffusers else (1, 0)
+    if key.startswith("blocks."):
+        _, idx, rest = key.split(".", 2)
+        for pair in _BLOCK_KEYS:
+            if rest == pair[src] or (pair[src].endswith(".") and rest.startswith(pair[src])):
+                return f"blocks.{idx}.{pair[dst]}{rest[len(pair[src]) :]}"
+        return None
+    for pair in _TOP_KEYS:
+        if key == pair[src] or (pair[src].endswith(".") and key.startswith(pair[src])):
+            return pair[dst] + key[len(pair[src]) :]
+    return None
+
+
+def diffusers_to_wan(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename diffusers `WanTransformer3DModel` keys to this package's (original Wan) names."""
+    out, unknown = {}, []
+    for k, v in state.items():
+        new = _rename(k, to_diffusers=False)
+        if new is None:
+            unknown.append(k)
+        else:
+            out[new] = v
+    if unknown:
+        raise CheckpointError(f"{len(unknown)} diffusers keys have no Wan equivalent: {_few(unknown)}")
+    return out
+
+
+def wan_to_diffusers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename this package's keys to diffusers' (for exporting, and for tests)."""
+    out = {}
+    for k, v in state.items():
+        new = _rename(k, to_diffusers=True)
+        if new is None:
+            raise CheckpointError(f"key {k!r} has no diffusers equivalent")
+        out[new] = v
+    return out
+
+
+def _few(keys: Iterable[str], n: int = 5) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:n])
+    return shown + (f", ... ({len(keys) - n} more)" if len(keys) > n else "")
+
+
+# ------------------------------------------------------------------------------------------ reading
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+
+
+def _read_torch(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises many types for corrupt, truncated or pickled-object files
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise CheckpointError(
+                f"{path}: holds objects other than tensors; refusing to unpickle it (torch.load weights_only=True)"
+            ) from e
+        raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): {e}") from e
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    for name in ("generator_ema", "generator"):
+        if name in obj:
+            if not isinstance(obj[name], Mapping):
+                raise CheckpointError(f"{path}: key {name!r} is not a state dict")
+            obj = obj[name]
+            break
+    if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(
+            f"{path}: not a state dict: {len(bad)} entries are not tensors ({_few(map(str, bad))}); "
+            "a Self-Forcing/MMPL checkpoint holds 'generator_ema' or 'generator'"
+        )
+    return dict(obj)
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The weight files a path stands for (a file, a transformer folder, or a pipeline folder)."""
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.is_file():
+        if path.suffix not in WEIGHT_SUFFIXES:
+            raise CheckpointError(f"{path}: unknown checkpoint format (expected one of {', '.join(WEIGHT_SUFFIXES)})")
+        return [path]
+    if (path / "transformer").is_dir():
+        return _weight_files(path / "transformer")
+    indexes = sorted(path.glob("*.safetensors.index.json"))
+    if indexes:
+        index = indexes[0]
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: not a valid shard index (expected a 'weight_map' object): {e}") from e
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        missing = [f for f in files if not f.exists()]
+        if missing:
+            raise FileNotFoundError(f"{index} lists shards that are missing: {', '.join(map(str, missing))}")
+        return files
+    files = sorted(path.glob("*.safetensors")) or sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    if not files:
+        raise CheckpointError(f"{path}: no weight files found (expected *.safetensors or a Self-Forcing .pt)")
+    return files
+
+
+def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]:
+    """Read a checkpoint in any supported format; return (state dict with this package's key names, format).
+
+    The format is one of ``"wan"``, ``"diffusers"``, ``"self_forcing"``.
+    """
+    path = Path(path)
+    files = _weight_files(path)
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(_read_safetensors(f) if f.suffix == ".safetensors" else _read_torch(f))
+    if not state:
+        raise CheckpointError(f"{path}: the checkpoint holds no tensors")
+    keys = list(state)
+    if all(k.startswith("model.") for k in keys):
+        state = {k[len("model.") :]: v for k, v in state.items()}
+        fmt = "self_forcing"
+    elif any(".attn1.to_q." in k for k in keys) or "proj_out.weight" in state:
+        fmt = "diffusers"
+        try:
+            state = diffusers_to_wan(state)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+    elif any(".self_attn.q." in k for k in keys) or "head.head.weight" in state:
+        fmt = "wan"
+    else:
+        raise CheckpointError(
+            f"{path}: unknown checkpoint format: keys look like none of original Wan ('blocks.0.self_attn.q.weight'), "
+            f"diffusers ('blocks.0.attn1.to_q.weight') or Self-Forcing ('model.…'); first keys: {_few(keys, 3)}"
+        )
+    return state, fmt
+
+
+# ------------------------------------------------------------------------------------------- config
+def _config_from_json(files: list[Path]) -> ModelConfig | None:
+    cfg_path = files[0].parent / "config.json"
+    if not cfg_path.exists():
+        return None
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path}: not valid JSON: {e}") from e
+    try:
+        if "num_attention_heads" in raw:  # diffusers
+            return ModelConfig(
+                name=f"{cfg_path.parent.name}",
+                dim=raw["num_attention_heads"] * raw["attention_head_dim"],
+                num_heads=raw["num_attention_heads"],
+                num_layers=raw["num_layers"],
+                ffn_dim=raw["ffn_dim"],
+                freq_dim=raw.get("freq_dim", 256),
+                text_dim=raw.get("text_dim", 4096),
+                in_channels=raw.get("in_channels", 16),
+                out_channels=raw.get("out_channels", 16),
+                patch_size=tuple(raw.get("patch_size", (1, 2, 2))),
+                eps=raw.get("eps", 1e-6),
+                rope_max=raw.get("rope_max_seq_len", 1024),
+            )
+        if "num_heads" in raw and "dim" in raw:  # original Wan
+            return ModelConfig(
+                name=f"{cfg_path.parent.name}",
+                dim=raw["dim"],
+                num_heads=raw["num_heads"],
+                num_layers=raw["num_layers"],
+                ffn_dim=raw["ffn_dim"],
+                freq_dim=raw.get("freq_dim", 256),
+                text_dim=raw.get("text_dim", 4096),
+                text_len=raw.get("text_len", 512),
+                in_channels=raw.get("in_dim", 16),
+                out_channels=raw.get("out_dim", 16),
+                patch_size=tuple(raw.get("patch_size", (1, 2, 2))),
+                eps=raw.get("eps", 1e-6),
+            )
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{cfg_path}: missing or malformed field {e}") from e
+    return None
+
+
+def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        model = CausalWanModel(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _check_state(state: Mapping[str, torch.Tensor], config: ModelConfig, path: Path) -> None:
+    expected = _expected_shapes(config)
+    missing = set(expected) - set(state)
+    unexpected = set(state) - set(expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys ({_few(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys ({_few(unexpected)})")
+        raise CheckpointError(f"{path}: does not fit config {config.name!r}: " + "; ".join(parts))
+    for k, shape in expected.items():
+        if tuple(state[k].shape) != shape:
+            raise CheckpointError(
+                f"{path}: key {k!r} has shape {tuple(state[k].shape)}, config {config.name!r} expects {shape}"
+            )
+
+
+def _guess_config(state: Mapping[str, torch.Tensor], path: Path) -> ModelConfig:
+    matches = []
+    for cfg in PRESETS.values():
+        try:
+            _check_state(state, cfg, path)
+        except CheckpointError:
+            continue
+        matches.append(cfg)
+    if len(matches) != 1:
+        dim = state["patch_embedding.weight"].shape[0] if "patch_embedding.weight" in state else "?"
+        layers = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+        raise CheckpointError(
+            f"{path}: weights (dim {dim}, {layers} layers) match {len(matches)} presets and there is no config.json "
+            f"beside them; pass config= one of {', '.join(PRESETS)} or a ModelConfig"
+        )
+    return matches[0]
+
+
+def load_transformer(
+    path: str | os.PathLike,
+    config: str | ModelConfig | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> CausalWanModel:
+    """Load a causal Wan DiT from a checkpoint in any supported format.
+
+    Args:
+        path: a weights file, a transformer folder, or a diffusers pipeline folder (``transformer/`` inside).
+        config: preset name or `ModelConfig`; default: ``config.json`` beside the weights, else the one preset
+            whose shapes match.
+        device, dtype: where and how to keep the weights (default dtype: as stored).
+    """
+    path = Path(path)
+    state, _ = read_state_dict(path)
+    if config is None:
+        config = _config_from_json(_weight_files(path)) or _guess_config(state, path)
+    config = resolve_config(config)
+    _check_state(state, config, path)
+    with torch.device("meta"):
+        model = CausalWanModel(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(device=device, dtype=dtype).eval()
