@@ -5,6 +5,7 @@ Every public op dispatches through `_dispatch.resolve`: Triton on CUDA, torch ot
 """
 
 from ._dispatch import BACKENDS, requested_backend, triton_available, use_backend
+from .denoise import cfg_combine, denoise_update, euler_step
 from .norm_modulate import gated_residual, norm_modulate
 from .page_table import PageTable
 from .rope_write import RopeTable, rope_write
@@ -14,6 +15,9 @@ __all__ = [
     "BACKENDS",
     "PageTable",
     "RopeTable",
+    "cfg_combine",
+    "denoise_update",
+    "euler_step",
     "gated_residual",
     "norm_modulate",
     "requested_backend",

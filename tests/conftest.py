@@ -1,12 +1,15 @@
-"""Test setup. TRITON_INTERPRET must be set before any Triton kernel module is imported, so the
-Triton kernels run on CPU tensors here (tests force the backend with `use_backend("triton")`)."""
+"""Test setup. Without a GPU, TRITON_INTERPRET=1 must be set before any Triton kernel module is imported,
+so the Triton kernels run on CPU tensors (tests force the backend with `use_backend("triton")`). With a GPU
+the kernels are compiled and run on CUDA tensors instead."""
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
