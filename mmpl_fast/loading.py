@@ -225,6 +225,7 @@ def _config_from_json(files: list[Path]) -> ModelConfig | None:
                 patch_size=tuple(raw.get("patch_size", (1, 2, 2))),
                 eps=raw.get("eps", 1e-6),
                 rope_max=raw.get("rope_max_seq_len", 1024),
+                text_len=raw.get("text_len", 512),  # not a diffusers field: Wan pads text to 512 rows
             )
         if "num_heads" in raw and "dim" in raw:  # original Wan
             return ModelConfig(
@@ -313,3 +314,34 @@ def load_transformer(
         model = CausalWanModel(config)
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def save_transformer(model: CausalWanModel, folder: str | os.PathLike) -> Path:
+    """Write a transformer as a diffusers-format folder (``config.json`` + safetensors) that diffusers' and
+    this package's loaders both read."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    config = {
+        "_class_name": "WanTransformer3DModel",
+        "patch_size": list(cfg.patch_size),
+        "num_attention_heads": cfg.num_heads,
+        "attention_head_dim": cfg.head_dim,
+        "in_channels": cfg.in_channels,
+        "out_channels": cfg.out_channels,
+        "text_dim": cfg.text_dim,
+        "freq_dim": cfg.freq_dim,
+        "ffn_dim": cfg.ffn_dim,
+        "num_layers": cfg.num_layers,
+        "cross_attn_norm": True,
+        "qk_norm": "rms_norm_across_heads",
+        "eps": cfg.eps,
+        "rope_max_seq_len": cfg.rope_max,
+        "text_len": cfg.text_len,
+    }
+    state = {k: v.detach().contiguous().cpu() for k, v in wan_to_diffusers(model.state_dict()).items()}
+    save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    return folder

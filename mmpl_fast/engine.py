@@ -1,0 +1,174 @@
+"""The engine: run one stage of a layout for a batch of segments on one device.
+
+For each segment of the batch, a stage's frames are either *given* (re-encoded from the previous
+segment, or encoded from the user's image/video: only written into the cache by a t = 0 pass) or
+*denoised* (the sampler's steps, each a model call that writes the frames' pages and reads the pages
+the layout grants, then the t = 0 pass on the clean result if a later stage reads these frames).
+
+Random numbers are keyed by (seed, segment, stage, step) and drawn on the CPU, so a segment's video
+does not depend on batching, order, device or device count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .kernels import cfg_combine
+from .kv_pool import CrossAttentionCache, KVPool
+from .layouts import Layout
+from .model import CausalWanModel
+from .sampling import Sampler
+
+
+def noise_seed(seed: int, segment: int, stage: int, step: int) -> int:
+    """A 63-bit generator seed from (seed, segment, stage, step): stable across runs and platforms."""
+    digest = hashlib.blake2b(f"mmpl_fast:{seed}:{segment}:{stage}:{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def keyed_noise(seed: int, segment: int, stage: int, step: int, shape: Sequence[int], device, dtype) -> torch.Tensor:
+    """Standard normal noise for one (segment, stage, step), drawn on the CPU then moved."""
+    gen = torch.Generator("cpu").manual_seed(noise_seed(seed, segment, stage, step))
+    return torch.randn(tuple(shape), generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+@dataclass
+class SegmentJob:
+    """One segment being generated.
+
+    Attributes:
+        index: the segment's number in the video (keys its random numbers and RoPE offsets nothing).
+        prompt: key of its prompt in the cross-attention cache.
+        latents: ``[F, C, h, w]``; frames fill in as stages finish (given frames from the start).
+        given: frames supplied from outside (re-encode, image, video) rather than denoised.
+        pages: pool page of each frame (allocated on first use, the same in the cond and uncond pools).
+    """
+
+    index: int
+    prompt: str
+    latents: torch.Tensor
+    given: frozenset[int] = frozenset()
+    pages: list[int] | None = None
+    done: set[int] = field(default_factory=set)
+
+
+# (stage, step index, model timestep, latents after the step, velocity) -> replacement latents or None
+StepCallback = Callable[[int, int, float, torch.Tensor, torch.Tensor], torch.Tensor | None]
+
+
+class StageEngine:
+    """Runs stages of `layout` for batches of `SegmentJob`s with one model on one device.
+
+    Args:
+        model: the causal DiT.
+        layout: the stages of a segment.
+        sampler: timesteps and update rule (a fresh solver state per stage).
+        pools: ``{"cond": KVPool, "uncond": KVPool}`` (uncond only with guidance).
+        cross: cross-attention cache holding every prompt key used (and ``negative_key`` with guidance).
+        seed: keys all random numbers.
+        guidance: classifier-free guidance scale; 1 or less disables the unconditional branch.
+    """
+
+    def __init__(
+        self,
+        model: CausalWanModel,
+        layout: Layout,
+        sampler: Sampler,
+        pools: dict[str, KVPool],
+        cross: CrossAttentionCache,
+        *,
+        seed: int,
+        guidance: float = 1.0,
+        negative_key: str = "",
+    ):
+        self.model, self.layout, self.sampler = model, layout, sampler
+        self.pools, self.cross, self.seed = pools, cross, seed
+        self.guidance, self.negative_key = guidance, negative_key
+        if self.use_cfg and "uncond" not in pools:
+            raise ValueError("guidance > 1 needs an 'uncond' KV pool (one cache per guidance branch)")
+        # Frames some later stage reads: only those need the t = 0 cache pass.
+        self._read_later = [
+            {f for later in layout.stages[k + 1 :] for f in later.reads} for k in range(layout.num_stages)
+        ]
+        self.model_calls = 0
+
+    @property
+    def use_cfg(self) -> bool:
+        return self.guidance > 1.0
+
+    def _pages(self, job: SegmentJob) -> list[int]:
+        if job.pages is None:
+            job.pages = self.pools["cond"].allocate(self.layout.num_frames)
+            if self.use_cfg:
+                assert self.pools["uncond"].allocate(self.layout.num_frames) == job.pages, "pools out of step"
+        return job.pages
+
+    def release(self, job: SegmentJob) -> None:
+        """Give a finished segment's pages back."""
+        if job.pages is not None:
+            for pool in self.pools.values():
+                pool.release(job.pages)
+            job.pages = None
+
+    def _views(self, jobs, frames, reads) -> dict[str, object]:
+        """One view per guidance branch, built once per stage and reused by every step."""
+        write = [[j.pages[f] for f in frames] for j in jobs]
+        read = [[j.pages[f] for f in reads] for j in jobs]
+        return {name: pool.view(frames, write, read) for name, pool in self.pools.items()}
+
+    def _call(self, jobs, views, x, t, branch: str) -> torch.Tensor:
+        keys = [j.prompt for j in jobs] if branch == "cond" else [self.negative_key] * len(jobs)
+        timesteps = torch.full(x.shape[:2], float(t), device=x.device, dtype=torch.float32)
+        self.model_calls += 1
+        return self.model(x, timesteps, self.cross.batch(keys), views[branch])
+
+    def _cache_pass(self, jobs, views, clean) -> None:
+        for branch in ("cond", "uncond") if self.use_cfg else ("cond",):
+            self._call(jobs, views, clean, 0.0, branch)
+
+    @torch.no_grad()
+    def run_stage(self, jobs: Sequence[SegmentJob], stage: int, callback: StepCallback | None = None) -> None:
+        """Run stage `stage` for every job (all jobs must have the same given frames in this stage)."""
+        spec = self.layout.stages[stage]
+        given_here = [f for f in spec.frames if f in jobs[0].given]
+        if any([f for f in spec.frames if f in j.given] != given_here for j in jobs):
+            raise ValueError("run_stage: jobs in one batch must have the same given frames in this stage")
+        todo = [f for f in spec.frames if f not in jobs[0].given]
+        for j in jobs:
+            self._pages(j)
+        # The sampler state stays float32 whatever the model's dtype (the model casts its input), as the
+        # reference keeps float32 latents between bf16 forwards.
+        device, dtype = self.model.device, torch.float32
+
+        if given_here:  # re-encoded / user frames: only written into the cache
+            clean = torch.stack([j.latents[given_here] for j in jobs]).to(device, dtype)
+            self._cache_pass(jobs, self._views(jobs, given_here, list(spec.reads)), clean)
+        if todo:
+            reads = list(spec.reads) + given_here
+            shape = (len(todo), *jobs[0].latents.shape[1:])
+            noise = lambda step: torch.stack(  # noqa: E731
+                [keyed_noise(self.seed, j.index, stage, step, shape, device, dtype) for j in jobs]
+            )
+            views = self._views(jobs, todo, reads)
+            run = self.sampler.start()
+            x = noise(0)
+            for i, t in enumerate(run.timesteps.tolist()):
+                v = self._call(jobs, views, x, t, "cond")
+                if self.use_cfg:
+                    v = cfg_combine(self._call(jobs, views, x, t, "uncond"), v, self.guidance)
+                x = run.step(i, x, v, lambda i=i: noise(i + 1))
+                if callback is not None:
+                    replaced = callback(stage, i, t, x, v)
+                    if replaced is not None:
+                        x = replaced.to(device, dtype)
+            clean = x
+            for b, j in enumerate(jobs):
+                j.latents[todo] = clean[b].to(j.latents.dtype)
+            if set(todo) & self._read_later[stage]:
+                self._cache_pass(jobs, views, clean)
+        for j in jobs:
+            j.done.add(stage)

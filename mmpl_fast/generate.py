@@ -1,0 +1,221 @@
+"""`python -m mmpl_fast.generate`: write a video from a prompt.
+
+Without --model it runs the embedded tiny model on the CPU; with --model it loads a diffusers-format
+Wan2.1 folder, or a transformer checkpoint (original Wan, diffusers, Self-Forcing/MMPL .pt) whose other
+components (tokenizer, text encoder, VAE) come from --components.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .layouts import LAYOUTS
+from .pipeline import FPS, MODES, Pipeline
+
+EXAMPLE = (
+    'python -m mmpl_fast.generate --prompt "a red circle bouncing on a blue background" --seconds 10 --out out.mp4'
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m mmpl_fast.generate",
+        description="Generate a long video with MMPL (plan keyframes, then populate segments) or plain AR.",
+        epilog=f"example: {EXAMPLE}",
+    )
+    g = p.add_argument_group("what to generate")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="text prompt for the whole video")
+    src.add_argument(
+        "--prompts-file",
+        help="text file, one prompt per line, one line per segment; or lines 'SECONDS<TAB>PROMPT' to switch "
+        "prompts at those times",
+    )
+    g.add_argument("--negative-prompt", default=None, help="negative prompt for guidance (default: empty)")
+    length = g.add_mutually_exclusive_group()
+    length.add_argument("--seconds", type=float, help=f"video length in seconds at {FPS} fps")
+    length.add_argument("--num-frames", type=int, help="video length in frames (default 81, one segment)")
+    g.add_argument("--image", help="start the video from this image (video continuation / image-to-video)")
+    g.add_argument("--video", help="continue this video clip (its last frames start the first segment)")
+    g.add_argument("--height", type=int, help="pixels, multiple of 16 (default: the model's usual size)")
+    g.add_argument("--width", type=int, help="pixels, multiple of 16 (default: the model's usual size)")
+
+    h = p.add_argument_group("how")
+    h.add_argument("--mode", choices=list(MODES), default="mmpl", help="mmpl: plan then populate; ar: blocks of 3")
+    h.add_argument("--layout", help=f"layout name ({', '.join(LAYOUTS)}, arN); overrides --mode's layout")
+    h.add_argument("--chain", choices=["terminal", "middle"], default="terminal",
+                   help="next segment starts from the terminal keyframes, or the middle ones")  # fmt: skip
+    h.add_argument("--steps", type=int, help="denoising steps per stage (default by checkpoint kind)")
+    h.add_argument("--guidance", type=float, help="classifier-free guidance scale (default by checkpoint kind)")
+    h.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    h.add_argument("--batch-segments", type=int, default=4, help="segments populated together (default 4)")
+
+    m = p.add_argument_group("model and output")
+    m.add_argument("--model", help="diffusers Wan2.1 folder, or a transformer checkpoint (then also --components); "
+                   "default: the embedded tiny model")  # fmt: skip
+    m.add_argument("--components", help="diffusers Wan2.1 folder supplying tokenizer, text encoder and VAE")
+    m.add_argument("--out", default="out.mp4", help="output .mp4 (written under a temporary name, then renamed)")
+    m.add_argument("--workdir", help="save finished segments here; rerunning the same command resumes")
+    m.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    m.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _fail(parser: argparse.ArgumentParser, message: str) -> None:
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+
+def _read_prompts(path: str) -> dict:
+    f = Path(path)
+    if not f.is_file():
+        raise FileNotFoundError(f"--prompts-file not found: {f}")
+    lines = [ln.strip() for ln in f.read_text().splitlines() if ln.strip()]
+    if not lines:
+        raise ValueError(f"--prompts-file {f} holds no prompts")
+    if all("\t" in ln for ln in lines):
+        sched = []
+        for ln in lines:
+            t, text = ln.split("\t", 1)
+            try:
+                sched.append((float(t), text.strip()))
+            except ValueError:
+                raise ValueError(f"--prompts-file {f}: {t!r} is not a number of seconds") from None
+        return {"prompt_schedule": sched}
+    return {"segment_prompts": lines}
+
+
+def _check_out(path: str) -> Path:
+    out = Path(path)
+    if out.suffix.lower() != ".mp4":
+        raise ValueError(f"--out {out}: only .mp4 output is supported")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise ValueError(f"--out {out}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise ValueError(f"--out {out}: not writable")
+    return out
+
+
+def _load_media(args) -> dict:
+    import imageio.v3 as iio
+
+    if args.image:
+        if not Path(args.image).is_file():
+            raise FileNotFoundError(f"--image not found: {args.image}")
+        return {"image": iio.imread(args.image)[..., :3]}
+    if args.video:
+        if not Path(args.video).is_file():
+            raise FileNotFoundError(f"--video not found: {args.video}")
+        return {"video": np.stack([f[..., :3] for f in iio.imiter(args.video)])}
+    return {}
+
+
+def load_pipeline(model: str | None, components: str | None, device: str) -> Pipeline:
+    if model is None:
+        from . import embedded
+
+        return embedded.load_pipeline(device=device)
+    path = Path(model)
+    if not path.exists():
+        raise FileNotFoundError(f"--model not found: {path}")
+    if path.is_dir() and (path / "model_index.json").exists():
+        return Pipeline.from_pretrained(path, device=device)
+    if components is None:
+        raise ValueError(f"--model {path} is a transformer checkpoint: pass --components DIR (a diffusers Wan2.1 "
+                         "folder with tokenizer, text_encoder and vae)")  # fmt: skip
+    return Pipeline.from_pretrained(components, transformer=path, device=device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.seconds is not None and not args.seconds > 0:
+            raise ValueError(f"--seconds must be > 0, got {args.seconds}")
+        num_frames = args.num_frames if args.num_frames is not None else 81
+        if args.seconds is not None:
+            num_frames = round(args.seconds * FPS) + 1
+        if num_frames <= 0:
+            raise ValueError(f"--num-frames must be > 0, got {num_frames}")
+        for name in ("height", "width", "steps", "batch_segments"):
+            v = getattr(args, name)
+            if v is not None and v <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {v}")
+        if args.guidance is not None and args.guidance < 0:
+            raise ValueError(f"--guidance must be >= 0, got {args.guidance}")
+        if args.seed < 0:
+            raise ValueError(f"--seed must be >= 0, got {args.seed}")
+        if args.image and args.video:
+            raise ValueError("pass --image or --video, not both")
+        out = _check_out(args.out)
+        prompts = {"prompt": args.prompt} if args.prompt is not None else _read_prompts(args.prompts_file)
+        if "prompt" in prompts and not args.prompt.strip():
+            raise ValueError("--prompt is empty")
+        media = _load_media(args)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available on this machine")
+        pipe = load_pipeline(args.model, args.components, device)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        _fail(parser, str(e))
+
+    import imageio.v2 as imageio
+
+    tmp = out.with_name(f".{out.stem}.partial{out.suffix}")
+    start = time.perf_counter()
+    info: dict = {}
+    written = 0
+    try:
+        kwargs = dict(
+            negative_prompt=args.negative_prompt, height=args.height, width=args.width, num_frames=num_frames,
+            num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, mode=args.mode,
+            layout=args.layout, chain=args.chain, batch_segments=args.batch_segments, workdir=args.workdir,
+            progress=not args.quiet, output_type="np", _info=info, **prompts, **media,
+        )  # fmt: skip
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            stream = pipe.stream(**kwargs)
+            first = next(stream)
+            for w in caught:
+                print(f"note: {w.message}", file=sys.stderr)
+        with imageio.get_writer(tmp, fps=FPS, codec="libx264", quality=8, macro_block_size=1) as writer:
+            for seg in _chain(first, stream):
+                for frame in seg.frames:
+                    writer.append_data((frame * 255).round().astype(np.uint8))
+                    written += 1
+        os.replace(tmp, out)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        tmp.unlink(missing_ok=True)
+        _fail(parser, str(e))
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    wall = time.perf_counter() - start
+    if torch.cuda.is_available() and str(pipe.device).startswith("cuda"):
+        peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB GPU"
+    else:
+        peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
+    print(
+        f"wrote {out}: {written} frames ({written / FPS:.1f} s at {FPS} fps, {info.get('num_segments')} segments, "
+        f"layout {info.get('layout')}, seed {info.get('seed')}) in {wall:.1f} s = {written / wall:.2f} frames/s; "
+        f"peak memory {peak}"
+    )
+    return 0
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+if __name__ == "__main__":
+    sys.exit(main())

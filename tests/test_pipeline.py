@@ -1,0 +1,280 @@
+"""End-to-end generation with tiny random components: chain arithmetic, re-encoding, determinism,
+resume, output types, callbacks and the CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mmpl_fast.chain import REENCODE_VIDEO_FRAMES, ChainPlan, reencode
+from mmpl_fast.engine import StageEngine
+from mmpl_fast.layouts import ar, mmpl
+from mmpl_fast.pipeline import Pipeline, PipelineOutput
+
+SIZE = dict(height=32, width=32)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return Pipeline.tiny(seed=0)
+
+
+@pytest.mark.parametrize("mode,layout", [("terminal", mmpl()), ("middle", mmpl()), ("terminal", ar())])
+def test_chain_frame_counts(mode, layout):
+    plan = ChainPlan(layout, mode)
+    kept = 21 if mode == "terminal" else 13
+    assert plan.kept_latents == kept
+    first = 1 + (kept - 1) * 4
+    for n in range(1, 6):
+        assert plan.video_frames(n) == first + (n - 1) * (first - REENCODE_VIDEO_FRAMES)
+        assert plan.segments_for(plan.video_frames(n)) == n
+        assert plan.segments_for(plan.video_frames(n) + 1) == n + 1
+    if mode == "terminal":
+        assert plan.video_frames(1) == 81 and plan.video_frames(2) == 81 + 76
+    assert plan.start_latents == 2
+
+
+def test_chain_stages_split():
+    plan = ChainPlan(mmpl(), "terminal")
+    assert plan.chain_stages() == [0, 1] and plan.populate_stages() == [2, 3]
+    assert ChainPlan(ar(), "terminal").populate_stages() == []
+    with pytest.raises(ValueError, match="no 'middle' handoff"):
+        ChainPlan(ar(), "middle")
+    with pytest.raises(ValueError, match="chain mode"):
+        ChainPlan(mmpl(), "sideways")
+
+
+def test_reencode_decodes_f0_p19_p19_p20_and_keeps_last_five(pipe):
+    latents = torch.randn(21, 16, 4, 4)
+    seen = {}
+    vae = pipe.vae
+    orig_decode, orig_encode = vae.decode, vae.encode
+
+    def decode(z):
+        seen["decoded"] = z.clone()
+        return orig_decode(z)
+
+    def encode(v):
+        seen["encoded"] = v.shape
+        return orig_encode(v)
+
+    vae.decode, vae.encode = decode, encode
+    try:
+        out = reencode(vae, latents, ChainPlan(mmpl(), "terminal"))
+    finally:
+        del vae.decode, vae.encode
+    assert torch.equal(seen["decoded"][0], latents[[0, 19, 19, 20]])
+    assert seen["encoded"][2] == REENCODE_VIDEO_FRAMES
+    assert out.shape == (2, 16, 4, 4)
+
+
+def test_segment_prompts_reach_their_segments(pipe, monkeypatch):
+    seen = {}
+    orig = StageEngine.run_stage
+
+    def spy(self, jobs, stage, callback=None):
+        for j in jobs:
+            seen.setdefault(j.index, set()).add(j.prompt)
+        return orig(self, jobs, stage, callback)
+
+    monkeypatch.setattr(StageEngine, "run_stage", spy)
+    prompts = ["a red circle", "a blue square", "a green triangle"]
+    n = ChainPlan(mmpl()).video_frames(3)
+    pipe(segment_prompts=prompts, num_frames=n, output_type="latent", progress=False, **SIZE)
+    assert seen == {i: {p} for i, p in enumerate(prompts)}
+    with pytest.raises(ValueError, match="segment_prompts has 2 prompts but the video needs 3 segments"):
+        pipe(segment_prompts=prompts[:2], num_frames=n, **SIZE)
+
+
+def test_prompt_schedule_switches_at_segment_starts(pipe):
+    plan = ChainPlan(mmpl())
+    got = pipe._segment_prompts(None, None, [(0, "a"), (5.0, "b"), (9.6, "c")], 3, plan)
+    # segment 1 starts at 81/16 = 5.06 s, segment 2 at 157/16 = 9.81 s
+    assert got == ["a", "b", "c"]
+
+
+def run_latents(pipe, **kw):
+    out = pipe(prompt="a red circle", output_type="latent", progress=False, **SIZE, **kw)
+    return out.frames
+
+
+def test_same_seed_same_latents_and_batching_invariance(pipe):
+    n = ChainPlan(mmpl()).video_frames(3)
+    a = run_latents(pipe, num_frames=n, seed=7, batch_segments=3)
+    b = run_latents(pipe, num_frames=n, seed=7, batch_segments=3)
+    c = run_latents(pipe, num_frames=n, seed=7, batch_segments=1)
+    d = run_latents(pipe, num_frames=n, seed=8, batch_segments=3)
+    assert torch.equal(a, b)
+    assert (a - c).abs().max().item() < 1e-4  # batched populate == one segment at a time
+    assert not torch.allclose(a, d)
+
+
+def test_resume_after_interruption_equals_uninterrupted(pipe, tmp_path):
+    n = ChainPlan(mmpl()).video_frames(3)
+    full = run_latents(pipe, num_frames=n, seed=3, batch_segments=1)
+
+    class Stop(Exception):
+        pass
+
+    def crash(p, i, t, kw):
+        if p.current_segment == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_latents(pipe, num_frames=n, seed=3, batch_segments=1, workdir=tmp_path, callback_on_step_end=crash)
+    assert sorted(f.name for f in tmp_path.glob("segment_*")) == [
+        "segment_00000.safetensors",
+        "segment_00001.safetensors",
+    ]
+    resumed = run_latents(pipe, num_frames=n, seed=3, batch_segments=1, workdir=tmp_path)
+    assert torch.equal(full, resumed)
+    with pytest.raises(ValueError, match="holds a different run"):
+        run_latents(pipe, num_frames=n, seed=4, batch_segments=1, workdir=tmp_path)
+
+
+def test_output_types_and_shapes(pipe):
+    n = 81 + 10
+    out = pipe(prompt="a red circle", num_frames=n, seed=0, progress=False, **SIZE)
+    assert isinstance(out, PipelineOutput)
+    assert out.frames.shape == (1, n, 32, 32, 3) and out.frames.dtype == np.float32
+    assert 0 <= out.frames.min() and out.frames.max() <= 1
+    (pt,) = pipe(
+        prompt="a red circle", num_frames=9, seed=0, output_type="pt", return_dict=False, progress=False, **SIZE
+    )
+    assert pt.shape == (1, 9, 3, 32, 32)
+    pil = pipe(prompt="a red circle", num_frames=5, seed=0, output_type="pil", progress=False, **SIZE).frames
+    assert len(pil[0]) == 5 and pil[0][0].size == (32, 32)
+    lat = pipe(prompt="a red circle", num_frames=n, seed=0, output_type="latent", progress=False, **SIZE).frames
+    assert lat.shape == (2, 21, 16, 4, 4)
+
+
+def test_callback_can_replace_latents(pipe):
+    def zero_plan(p, i, t, kw):
+        if p.current_stage == 1:
+            return {"latents": torch.zeros_like(kw["latents"])}
+        return {}
+
+    lat = pipe(prompt="x", num_frames=81, seed=0, output_type="latent", progress=False,
+               callback_on_step_end=zero_plan, **SIZE).frames  # fmt: skip
+    plan_frames = list(mmpl().stages[1].frames)
+    assert torch.count_nonzero(lat[0, plan_frames]) == 0
+    assert torch.count_nonzero(lat[0, [4, 5, 6]]) > 0
+
+
+def test_image_start_uses_the_chain_path(pipe):
+    img = np.full((32, 32, 3), 200, dtype=np.uint8)
+    lat = pipe(prompt="x", image=img, num_frames=81, seed=0, output_type="latent", progress=False, **SIZE).frames
+    expect = pipe.vae.encode(torch.full((1, 3, 1, 32, 32), 200 / 127.5 - 1))[0]
+    assert torch.allclose(lat[0, :1], expect, atol=1e-5)
+
+
+def test_from_pretrained_round_trip(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "p")
+    again = Pipeline.from_pretrained(tmp_path / "p")
+    assert again.kind == "tiny" and again.default_size == pipe.default_size
+    a = run_latents(pipe, num_frames=9, seed=1)
+    b = run_latents(again, num_frames=9, seed=1)
+    assert torch.allclose(a, b, atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="vae"):
+        import shutil
+
+        shutil.rmtree(tmp_path / "p" / "vae")
+        Pipeline.from_pretrained(tmp_path / "p")
+    with pytest.raises(FileNotFoundError, match="pipeline folder not found"):
+        Pipeline.from_pretrained(tmp_path / "missing")
+
+
+BAD_CALLS = [
+    (dict(height=0), "height"),
+    (dict(height=-16), "height"),
+    (dict(width=30), "width"),
+    (dict(height=40), "multiple of 16"),
+    (dict(num_frames=0), "num_frames"),
+    (dict(num_frames=-3), "num_frames"),
+    (dict(num_inference_steps=0), "num_inference_steps"),
+    (dict(guidance_scale=-1.0), "guidance_scale"),
+    (dict(output_type="gif"), "output_type"),
+    (dict(mode="bidirectional"), "mode"),
+    (dict(layout="spiral"), "unknown layout"),
+    (dict(chain="sideways"), "chain mode"),
+    (dict(prompt=""), "non-empty"),
+    (dict(prompt=["a", "b"]), "one video per call"),
+    (dict(prompt=None, segment_prompts=[]), "empty"),
+    (dict(prompt=None, segment_prompts=["a", "b"]), "needs 1 segments"),
+    (dict(prompt=None, prompt_schedule=[(1.0, "a")]), "start at 0"),
+    (dict(seed=-1), "seed"),
+    (dict(batch_segments=0), "batch_segments"),
+    (dict(image=np.zeros((16, 16, 3), np.uint8)), "expected"),
+    (dict(image=np.zeros((32, 32, 3), np.uint8), video=[np.zeros((32, 32, 3), np.uint8)]), "not both"),
+    (dict(callback_on_step_end_tensor_inputs=["noise"]), "callback_on_step_end_tensor_inputs"),
+]
+
+
+@pytest.mark.parametrize("kwargs,match", BAD_CALLS)
+def test_bad_pipeline_inputs(pipe, kwargs, match):
+    call = dict(prompt="a red circle", num_frames=9, progress=False, **SIZE)
+    call.update(kwargs)
+    with pytest.raises((ValueError, TypeError), match=match):
+        pipe(**call)
+
+
+def test_guidance_runs_two_cached_branches(pipe, monkeypatch):
+    calls = []
+    orig = StageEngine._call
+
+    def spy(self, jobs, views, x, t, branch):
+        calls.append(branch)
+        return orig(self, jobs, views, x, t, branch)
+
+    monkeypatch.setattr(StageEngine, "_call", spy)
+    a = run_latents(pipe, num_frames=9, seed=0, guidance_scale=3.0, negative_prompt="blurry")
+    assert calls.count("uncond") == calls.count("cond") > 0
+    calls.clear()
+    b = run_latents(pipe, num_frames=9, seed=0, guidance_scale=1.0)
+    assert "uncond" not in calls
+    assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(mode="ar"),
+        dict(chain="middle"),
+        dict(layout="mmpl-no-mid"),
+        dict(sampler="unipc", num_inference_steps=3),
+        dict(sampler="euler", num_inference_steps=2),
+    ],
+)
+def test_modes_layouts_and_samplers_run(pipe, kwargs):
+    lat = run_latents(pipe, num_frames=100, seed=0, **kwargs)
+    assert lat.shape[0] == (3 if kwargs.get("chain") == "middle" else 2)  # middle: 49 frames, then 44 each
+    assert torch.isfinite(lat).all()
+    assert lat.abs().sum() > 0
+
+
+def test_ar_mode_runs_every_stage_in_the_chain(pipe, monkeypatch):
+    order = []
+    orig = StageEngine.run_stage
+
+    def spy(self, jobs, stage, callback=None):
+        order.append((tuple(j.index for j in jobs), stage))
+        return orig(self, jobs, stage, callback)
+
+    monkeypatch.setattr(StageEngine, "run_stage", spy)
+    run_latents(pipe, num_frames=100, seed=0, mode="ar")
+    assert order == [((s,), k) for s in range(2) for k in range(7)]
+
+
+def test_video_start_and_self_forcing_checkpoint(pipe, tmp_path):
+    clip = [np.full((32, 32, 3), v, dtype=np.uint8) for v in range(0, 240, 30)]
+    lat = run_latents(pipe, num_frames=9, seed=0, video=clip)
+    expect = pipe.vae.encode(torch.stack([torch.full((3, 32, 32), v / 127.5 - 1) for v in range(90, 240, 30)], 1)[None])
+    assert torch.allclose(lat[0, :2], expect[0], atol=1e-5)
+    # A Self-Forcing .pt replaces the folder's transformer and switches the defaults to few-step.
+    pipe.save_pretrained(tmp_path / "p")
+    sd = {"model." + k: v for k, v in pipe.transformer.state_dict().items()}
+    torch.save({"generator_ema": sd}, tmp_path / "sf.pt")
+    sf = Pipeline.from_pretrained(tmp_path / "p", transformer=tmp_path / "sf.pt")
+    assert sf.kind == "self_forcing"
+    assert torch.allclose(run_latents(sf, num_frames=9, seed=2), run_latents(pipe, num_frames=9, seed=2), atol=1e-5)
