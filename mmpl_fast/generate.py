@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import distributed
 from .layouts import LAYOUTS
 from .pipeline import FPS, MODES, Pipeline
 
@@ -164,23 +165,24 @@ def main(argv: list[str] | None = None) -> int:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {device}: CUDA is not available on this machine")
+        if distributed.init_from_env(device) and device == "cuda":
+            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # torchrun: one GPU per local rank
         pipe = load_pipeline(args.model, args.components, device)
     except (ValueError, TypeError, FileNotFoundError) as e:
         _fail(parser, str(e))
 
     import imageio.v2 as imageio
 
+    if distributed.rank() != 0:  # torchrun: rank 0 writes the video, the others only compute
+        for _ in pipe.stream(**_call_kwargs(args, num_frames, prompts, media, {})):
+            pass
+        return 0
     tmp = out.with_name(f".{out.stem}.partial{out.suffix}")
     start = time.perf_counter()
     info: dict = {}
     written = 0
     try:
-        kwargs = dict(
-            negative_prompt=args.negative_prompt, height=args.height, width=args.width, num_frames=num_frames,
-            num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, mode=args.mode,
-            layout=args.layout, chain=args.chain, batch_segments=args.batch_segments, workdir=args.workdir,
-            progress=not args.quiet, output_type="np", _info=info, **prompts, **media,
-        )  # fmt: skip
+        kwargs = _call_kwargs(args, num_frames, prompts, media, info)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             stream = pipe.stream(**kwargs)
@@ -210,6 +212,15 @@ def main(argv: list[str] | None = None) -> int:
         f"peak memory {peak}"
     )
     return 0
+
+
+def _call_kwargs(args, num_frames: int, prompts: dict, media: dict, info: dict) -> dict:
+    return dict(
+        negative_prompt=args.negative_prompt, height=args.height, width=args.width, num_frames=num_frames,
+        num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, mode=args.mode,
+        layout=args.layout, chain=args.chain, batch_segments=args.batch_segments, workdir=args.workdir,
+        progress=not args.quiet, output_type="np", _info=info, **prompts, **media,
+    )  # fmt: skip
 
 
 def _chain(first, rest):

@@ -424,14 +424,6 @@ class Pipeline:
                              negative_key=neg_key)  # fmt: skip
         latent_shape = (lay.num_frames, cfg.in_channels, lh, lw)
 
-        def new_job(s: int, given: torch.Tensor | None) -> SegmentJob:
-            lat = torch.zeros(latent_shape, dtype=torch.float32, device=self.device)
-            idx = frozenset()
-            if given is not None:
-                lat[: given.shape[0]] = given.to(lat)
-                idx = frozenset(range(given.shape[0]))
-            return SegmentJob(index=s, prompt=prompts[s], latents=lat, given=idx)
-
         def step_callback(stage, i, t, x, v):
             if callback_on_step_end is None:
                 return None
@@ -440,65 +432,127 @@ class Pipeline:
             out = callback_on_step_end(self, i, t, {k: named[k] for k in callback_on_step_end_tensor_inputs})
             return (out or {}).get("latents")
 
-        emitted = 0
         done = self._load_finished(work, num_segments)
         given = None
         if start_frames is not None:
             given = encode_start(self.vae, start_frames.to(self.device))
         if done:
             given = reencode(self.vae, done[-1], plan) if len(done) < num_segments else None
-        bar = tqdm(total=num_segments * lay.num_stages, desc="stages", disable=not progress, unit="stage")
+        run = _Run(plan, prompts, engine, latent_shape, num_frames, output_type, work, done, given, step_callback)
+        bar = tqdm(
+            total=num_segments * lay.num_stages, desc="stages", unit="stage", disable=not progress or _rank() != 0
+        )
         bar.update(len(done) * lay.num_stages)
-        for s, lat in enumerate(done):
-            seg = self._finish(s, lat, plan, output_type, num_frames, emitted, num_segments)
-            emitted += seg.frames.shape[0] if output_type in ("np", "pt") else len(seg.frames)
-            yield seg
-        window: list[SegmentJob] = []
-        for s in range(len(done), num_segments):
-            job = new_job(s, given)
-            self.current_segment = s
-            for k in plan.chain_stages():
-                bar.set_description(f"segment {s} stage {k} ({lay.stages[k].role})")
-                engine.run_stage([job], k, step_callback)
-                bar.update(1)
+        try:
+            if _world() > 1:
+                yield from self._stream_distributed(run, bar)
+            else:
+                yield from self._stream_local(run, bar, batch_segments)
+        finally:
+            bar.close()
+            info["model_calls"] = engine.model_calls
+            self.current_segment = self.current_stage = None
+
+    # ------------------------------------------------------------------------------------- executors
+    def _new_job(self, run: _Run, s: int, given: torch.Tensor | None) -> SegmentJob:
+        lat = torch.zeros(run.latent_shape, dtype=torch.float32, device=self.device)
+        idx: frozenset[int] = frozenset()
+        if given is not None:
+            lat[: given.shape[0]] = given.to(lat)
+            idx = frozenset(range(given.shape[0]))
+        return SegmentJob(index=s, prompt=run.prompts[s], latents=lat, given=idx)
+
+    def _chain_part(self, run: _Run, job: SegmentJob, bar) -> torch.Tensor | None:
+        """Run a segment's chain stages; return the next segment's start latents (None for the last)."""
+        self.current_segment = job.index
+        for k in run.plan.chain_stages():
+            bar.set_description(f"segment {job.index} stage {k} ({run.plan.layout.stages[k].role})")
+            run.engine.run_stage([job], k, run.callback)
+            bar.update(1)
+        return reencode(self.vae, job.latents, run.plan) if job.index + 1 < run.num_segments else None
+
+    def _populate(self, run: _Run, window: list[SegmentJob], bar) -> None:
+        for k in run.plan.populate_stages():
+            role = run.plan.layout.stages[k].role
+            bar.set_description(f"segments {window[0].index}-{window[-1].index} stage {k} ({role})")
+            run.engine.run_stage(window, k, run.callback)
+            bar.update(len(window))
+        for j in window:
+            run.engine.release(j)
+            if run.work is not None:
+                _save_atomic(run.work / f"segment_{j.index:05d}.safetensors", {"latents": j.latents}, {})
+
+    def _decode(self, run: _Run, s: int, latents: torch.Tensor) -> torch.Tensor:
+        """A segment's stitched (not yet trimmed) video ``[3, T, H, W]`` in [-1, 1]."""
+        if run.output_type == "latent":
+            return torch.zeros(0)
+        return run.plan.stitch(s, self.vae.decode(latents[None, : run.plan.kept_latents]))[0]
+
+    def _stream_local(self, run: _Run, bar, batch_segments: int) -> Iterator[SegmentFrames]:
+        emitter = _Emitter(run)
+        for s, lat in enumerate(run.done):
+            yield emitter.emit(s, self._decode(run, s, lat), lat)
+        given, window = run.given, []
+        for s in range(len(run.done), run.num_segments):
+            job = self._new_job(run, s, given)
+            given = self._chain_part(run, job, bar)
             window.append(job)
-            given = reencode(self.vae, job.latents, plan) if s + 1 < num_segments else None
-            if len(window) < batch_segments and s + 1 < num_segments:
+            if len(window) < batch_segments and s + 1 < run.num_segments:
                 continue
-            for k in plan.populate_stages():
-                bar.set_description(f"segments {window[0].index}-{window[-1].index} stage {k} ({lay.stages[k].role})")
-                engine.run_stage(window, k, step_callback)
-                bar.update(len(window))
+            self._populate(run, window, bar)
             for j in window:
-                engine.release(j)
-                if work is not None:
-                    _save_atomic(work / f"segment_{j.index:05d}.safetensors", {"latents": j.latents}, {})
-            for j in window:
-                seg = self._finish(j.index, j.latents, plan, output_type, num_frames, emitted, num_segments)
-                emitted += seg.frames.shape[0] if output_type in ("np", "pt") else len(seg.frames)
-                yield seg
+                yield emitter.emit(j.index, self._decode(run, j.index, j.latents), j.latents)
             window = []
-        bar.close()
-        info["model_calls"] = engine.model_calls
-        self.current_segment = self.current_stage = None
+
+    def _stream_distributed(self, run: _Run, bar) -> Iterator[SegmentFrames]:
+        """Segments round-robin over the ranks of the default process group (torchrun). Start latents pass
+        from the owner of segment s to the owner of s + 1; decoded segments go to rank 0, which yields them."""
+        from . import distributed as d
+
+        rank, world = _rank(), _world()
+        owner = [s % world for s in range(run.num_segments)]
+        first = len(run.done)
+        emitter = _Emitter(run) if rank == 0 else None
+        pending = {}
+        if rank == 0:
+            for s, lat in enumerate(run.done):
+                yield emitter.emit(s, self._decode(run, s, lat), lat)
+            for s in range(first, run.num_segments):
+                if owner[s] != 0:
+                    pending[s] = d.post_segment_recv(self, run, s, owner[s])
+        sends = []
+        given_local = run.given
+        try:
+            for s in range(first, run.num_segments):
+                if owner[s] != rank:
+                    continue
+                if s == first or owner[s - 1] == rank:
+                    given = run.given if s == first else given_local
+                else:
+                    given = d.recv_start(run, s, owner[s - 1])
+                job = self._new_job(run, s, given)
+                given_local = self._chain_part(run, job, bar)
+                if given_local is not None and owner[s + 1] != rank:
+                    sends.append(d.send_start(given_local, s + 1, owner[s + 1]))
+                self._populate(run, [job], bar)
+                video = self._decode(run, s, job.latents)
+                if rank == 0:
+                    pending[s] = d.Ready(video, job.latents)
+                    while emitter.next in pending and pending[emitter.next].done():
+                        nxt = emitter.next
+                        yield emitter.emit(nxt, *pending.pop(nxt).result())
+                else:
+                    sends.extend(d.send_segment(video, job.latents, s))
+            if rank == 0:
+                while emitter.next < run.num_segments:
+                    nxt = emitter.next
+                    yield emitter.emit(nxt, *d.wait(pending.pop(nxt), nxt, owner[nxt]))
+            for w in sends:
+                d.wait_send(w)
+        except RuntimeError as e:
+            raise RuntimeError(f"rank {rank} of {world}: {e}") from e
 
     # --------------------------------------------------------------------------------------- helpers
-    def _finish(self, s, latents, plan: ChainPlan, output_type, num_frames, emitted, num_segments) -> SegmentFrames:
-        if output_type == "latent":
-            return SegmentFrames(s, [None] * 0, latents, num_segments)
-        video = plan.stitch(s, self.vae.decode(latents[None, : plan.kept_latents]))[0]  # [3, T, H, W]
-        video = video[:, : max(0, num_frames - emitted)]
-        video = ((video + 1) / 2).clamp(0, 1).permute(1, 2, 3, 0).cpu()  # [T, H, W, 3]
-        if output_type == "np":
-            frames = video.numpy()
-        elif output_type == "pt":
-            frames = video.permute(0, 3, 1, 2)
-        else:
-            from PIL import Image
-
-            frames = [Image.fromarray((f * 255).round().to(torch.uint8).numpy()) for f in video]
-        return SegmentFrames(s, frames, latents, num_segments)
-
     def _open_workdir(self, workdir, signature: str) -> Path | None:
         if workdir is None:
             return None
@@ -530,6 +584,63 @@ class Pipeline:
                 break
             out.append(load_file(str(f))["latents"].to(self.device))
         return out
+
+
+@dataclass
+class _Run:
+    """Everything one generation needs after its inputs are checked."""
+
+    plan: ChainPlan
+    prompts: list[str]
+    engine: StageEngine
+    latent_shape: tuple[int, ...]
+    num_frames: int
+    output_type: str
+    work: Path | None
+    done: list[torch.Tensor]
+    given: torch.Tensor | None
+    callback: Callable
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.prompts)
+
+
+class _Emitter:
+    """Turns stitched segment videos into output frames in order, trimming the video to `num_frames`."""
+
+    def __init__(self, run: _Run):
+        self.run = run
+        self.emitted = 0
+        self.next = 0
+
+    def emit(self, s: int, video: torch.Tensor, latents: torch.Tensor) -> SegmentFrames:
+        assert s == self.next, "segments are emitted in order"
+        self.next += 1
+        run = self.run
+        if run.output_type == "latent":
+            return SegmentFrames(s, [], latents, run.num_segments)
+        video = video[:, : max(0, run.num_frames - self.emitted)]
+        self.emitted += video.shape[1]
+        video = ((video + 1) / 2).clamp(0, 1).permute(1, 2, 3, 0).cpu()  # [T, H, W, 3]
+        if run.output_type == "np":
+            frames = video.numpy()
+        elif run.output_type == "pt":
+            frames = video.permute(0, 3, 1, 2)
+        else:
+            from PIL import Image
+
+            frames = [Image.fromarray((f * 255).round().to(torch.uint8).numpy()) for f in video]
+        return SegmentFrames(s, frames, latents, run.num_segments)
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if _world() > 1 else 0
+
+
+def _world() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def run_signature(*parts) -> str:
