@@ -149,6 +149,8 @@ class KVPool:
         frame_pos: Sequence[int],
         write_pages: Sequence[Sequence[int]],
         read_pages: Sequence[Sequence[int]] | None = None,
+        *,
+        groups: Sequence[tuple[int, Sequence[int]]] | None = None,
     ) -> CacheView:
         """A view for one call over B segments of F frames each.
 
@@ -156,6 +158,10 @@ class KVPool:
             frame_pos: the F frames' true temporal indices (RoPE positions), shared by the batch.
             write_pages: ``B`` lists of F pages the call's frames are written to.
             read_pages: ``B`` lists of earlier pages each segment may read (its own pages are added).
+            groups: split each segment's F frames into consecutive query groups, each ``(num_frames,
+                visible)`` where `visible` lists the call's frames (indices into the F frames) the group
+                attends to. This is how one call runs the teacher-forcing sequence ``[clean | noisy]`` with
+                a different page list per query stage; `read_pages` is then not allowed.
         """
         frame_pos = tuple(int(p) for p in frame_pos)
         nseg = len(write_pages)
@@ -170,14 +176,25 @@ class KVPool:
             for p in pages:
                 if not 0 <= p < self.num_pages:
                     raise ValueError(f"page {p} is outside the pool (0..{self.num_pages - 1})")
-        tokens = self.tokens_per_page * len(frame_pos)
-        lists = [list(r) + list(w) for r, w in zip(read_pages, write_pages)]
+        if groups is None:
+            lengths: list[int] | int = self.tokens_per_page * len(frame_pos)
+            lists = [list(r) + list(w) for r, w in zip(read_pages, write_pages)]
+        else:
+            if any(read_pages):
+                raise ValueError("read_pages: not allowed with groups (groups list what each group reads)")
+            if sum(n for n, _ in groups) != len(frame_pos):
+                raise ValueError(f"groups: their frame counts must add up to the call's {len(frame_pos)} frames")
+            for _, visible in groups:
+                if any(not 0 <= j < len(frame_pos) for j in visible):
+                    raise ValueError(f"groups: visible frames must index the call's frames 0..{len(frame_pos) - 1}")
+            lists = [[w[j] for j in visible] for w in write_pages for _, visible in groups]
+            lengths = [n * self.tokens_per_page for _ in write_pages for n, _ in groups]
         device = self.k.device
         return CacheView(
             k=self.k,
             v=self.v,
             write_pages=torch.tensor([list(w) for w in write_pages], dtype=torch.long, device=device),
-            table=PageTable.build(lists, tokens, device=device),
+            table=PageTable.build(lists, lengths, device=device),
             frame_pos=frame_pos,
             frame_pos_dev=torch.tensor(frame_pos, dtype=torch.int32, device=device),
         )

@@ -141,6 +141,48 @@ class Layout:
     def stage_slices(self) -> list[tuple[int, ...]]:
         return [s.frames for s in self.stages]
 
+    def training_sequence(self) -> TrainingSequence:
+        """The teacher-forcing sequence as one model call: frame order and per-query-stage groups.
+
+        Call order: the clean frames stage by stage, then the noisy frames stage by stage, so each
+        (clean or noisy) stage is a consecutive query group whose page list is `training_visibility`'s row.
+        """
+        n = self.num_frames
+        order = [f for s in self.stages for f in s.frames]
+        call = [(f, False) for f in order] + [(f, True) for f in order]
+        where = {key: j for j, key in enumerate(call)}
+        groups = []
+        for noisy in (False, True):
+            for s in self.stages:
+                if noisy:
+                    visible = [where[(f, False)] for f in s.reads] + [where[(f, True)] for f in s.frames]
+                else:
+                    visible = [where[(f, False)] for f in s.visible]
+                groups.append((len(s.frames), tuple(visible)))
+        assert len(call) == 2 * n
+        return TrainingSequence(frames=tuple(f for f, _ in call), noisy=tuple(z for _, z in call), groups=tuple(groups))
+
+
+@dataclass(frozen=True)
+class TrainingSequence:
+    """One teacher-forcing call: ``frames[j]`` / ``noisy[j]`` say what call frame j is; `groups` are
+    ``(num_frames, visible call frames)`` per query stage, for `KVPool.view(groups=...)`."""
+
+    frames: tuple[int, ...]
+    noisy: tuple[bool, ...]
+    groups: tuple[tuple[int, tuple[int, ...]], ...]
+
+    def visibility(self, num_frames: int) -> torch.Tensor:
+        """The groups as a bool ``[2N, 2N]`` mask over the natural ``[clean | noisy]`` frame indexing."""
+        index = [f + (num_frames if z else 0) for f, z in zip(self.frames, self.noisy)]
+        vis = torch.zeros(2 * num_frames, 2 * num_frames, dtype=torch.bool)
+        start = 0
+        for n, visible in self.groups:
+            for j in range(start, start + n):
+                vis[index[j], [index[v] for v in visible]] = True
+            start += n
+        return vis
+
 
 def validate(layout: Layout) -> None:
     """Raise ValueError unless every frame is produced exactly once and stages read only earlier frames.

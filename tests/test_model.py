@@ -100,6 +100,31 @@ class MaskedProcessor(WanAttnProcessor):
         return super().__call__(attn, hidden_states, None, self.mask, rotary_emb)
 
 
+class PositionRope(torch.nn.Module):
+    """diffusers' Wan RoPE, but at given frame positions (teacher forcing gives a clean frame and its noisy
+    copy the same temporal position)."""
+
+    def __init__(self, rope, frame_pos):
+        super().__init__()
+        self.rope, self.pos = rope, torch.as_tensor(frame_pos)
+
+    def forward(self, hidden_states):
+        _, _, f, hh, ww = hidden_states.shape
+        p_t, p_h, p_w = self.rope.patch_size
+        gh, gw = hh // p_h, ww // p_w
+        sizes = [self.rope.t_dim, self.rope.h_dim, self.rope.w_dim]
+        out = []
+        for table in (self.rope.freqs_cos, self.rope.freqs_sin):
+            t_part, h_part, w_part = table.split(sizes, dim=1)
+            parts = [
+                t_part[self.pos].view(f, 1, 1, -1).expand(f, gh, gw, -1),
+                h_part[:gh].view(1, gh, 1, -1).expand(f, gh, gw, -1),
+                w_part[:gw].view(1, 1, gw, -1).expand(f, gh, gw, -1),
+            ]
+            out.append(torch.cat(parts, dim=-1).reshape(1, f * gh * gw, 1, -1))
+        return tuple(out)
+
+
 # Layouts written out here, independently of mmpl_fast.layouts: (frames, frames read besides itself).
 MMPL_STAGES = [
     ([0, 1], []),
@@ -252,3 +277,36 @@ def test_forward_has_no_host_syncs(monkeypatch):
     with torch.no_grad():
         model(torch.randn(1, 2, cfg.in_channels, 4, 4), torch.zeros(1, 2), cross, view)
     assert calls == []
+
+
+@pytest.mark.parametrize("layout_name", ["mmpl", "ar3"])
+def test_teacher_forcing_call_equals_masked_forward_and_trains(layout_name):
+    """One call over [clean | noisy] with a page list per query stage (no dense mask in the op) equals a
+    dense-masked diffusers forward with the layout's training mask, and gradients flow through the pool."""
+    from mmpl_fast.layouts import get_layout
+
+    lay = get_layout(layout_name)
+    seq = lay.training_sequence()
+    n = lay.num_frames
+    ref, ours, cfg = make_pair(2, 16, 1, 5)
+    h, w = 2, 4
+    tokens = cfg.tokens_per_frame(h, w)
+    x = torch.randn(1, 2 * n, 4, h, w)  # call order
+    t = torch.tensor([(1000.0 - 90 * lay.stage_of(f)) if z else 0.0 for f, z in zip(seq.frames, seq.noisy)])
+    ctx = torch.randn(1, 5, 24)
+
+    index = [f + (n if z else 0) for f, z in zip(seq.frames, seq.noisy)]
+    allowed = lay.training_visibility()[index][:, index]  # the layout's mask, in call order
+    mask = allowed.repeat_interleave(tokens, 0).repeat_interleave(tokens, 1)
+    for blk in ref.blocks:
+        blk.attn1.set_processor(MaskedProcessor(mask))
+    ref.rope = PositionRope(ref.rope, seq.frames)
+    with torch.no_grad():
+        want = ref(x.transpose(1, 2), t.repeat_interleave(tokens)[None], ctx, return_dict=False)[0].transpose(1, 2)
+
+    pool = KVPool(cfg, 2 * n, tokens)
+    view = pool.view(seq.frames, [list(range(2 * n))], groups=seq.groups)
+    got = ours(x, t[None], ours.embed_context(ctx), view)
+    assert (got.detach() - want).abs().max().item() <= 1e-5
+    got.square().mean().backward()
+    assert ours.blocks[0].self_attn.k.weight.grad.abs().sum() > 0  # keys reach the loss through the pool pages
