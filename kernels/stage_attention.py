@@ -65,38 +65,61 @@ def _check(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: P
 
 
 # --------------------------------------------------------------------------------------------- torch
+def _long_tensor(values: list, device: torch.device) -> torch.Tensor:
+    """Host ints as an int64 tensor on `device`; on CUDA through pinned memory, so the host does not wait."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=torch.long, device=device)
+    return torch.tensor(values, dtype=torch.long, pin_memory=True).to(device, non_blocking=True)
+
+
 def stage_attention_torch(
     q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: PageTable, scale: float | None = None
 ) -> torch.Tensor:
     """Reference and CPU backend: gather each group's pages, then SDPA.
 
-    Cost is proportional to the pages actually read. Uniform tables (every group the same length and
-    page count, the usual case of a batch of segments at one stage) run as one batched SDPA call.
+    Cost is proportional to the pages actually read. Groups with the same query length and page count
+    (all of them for a batch of segments at one stage) run as one batched SDPA call, so a call makes one
+    SDPA call per distinct (length, page count), not one per group. Each pool is gathered with a single
+    indexing op and SDPA reads q, keys and values as strided ``[B, H, *, D]`` views. (Head-major copies
+    make a CPU's SDPA 10-15% faster, but the transposing copy costs as much; written straight from an
+    `index_select` it is one small parallel copy per page, which stalls badly when other processes load
+    the cores.) Page lists and offsets come from the table's host copies; index tensors reach a GPU without
+    a host sync. Differentiable in q, k_pool, v_pool.
     """
     _check(q, k_pool, v_pool, table)
     nq, heads, dim = q.shape
     tokens = k_pool.shape[1]
-    out = q.new_zeros(nq, heads, dim)
-    if table.uniform():
-        groups, length, npages = table.num_groups, table.q_length(0), len(table.host_pages[0])
-        if npages == 0 or length == 0:
-            return out
-        idx = torch.tensor(table.host_pages, dtype=torch.long, device=k_pool.device)
-        k = k_pool[idx].reshape(groups, npages * tokens, heads, dim).transpose(1, 2)
-        v = v_pool[idx].reshape(groups, npages * tokens, heads, dim).transpose(1, 2)
-        qg = q.view(groups, length, heads, dim).transpose(1, 2)
-        o = F.scaled_dot_product_attention(qg, k, v, scale=scale)
-        return o.transpose(1, 2).reshape(nq, heads, dim)
+    offsets = table.host_q_offsets
+    buckets: dict[tuple[int, int], list[int]] = {}  # (query length, page count) -> groups
     for g, pages in enumerate(table.host_pages):
-        a, b = table.host_q_offsets[g], table.host_q_offsets[g + 1]
-        if not pages or a == b:
-            continue
-        idx = torch.tensor(pages, dtype=torch.long, device=k_pool.device)
-        k = k_pool[idx].reshape(1, len(pages) * tokens, heads, dim).transpose(1, 2)
-        v = v_pool[idx].reshape(1, len(pages) * tokens, heads, dim).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q[a:b].unsqueeze(0).transpose(1, 2), k, v, scale=scale)
-        out[a:b] = o.transpose(1, 2)[0]
-    return out
+        if pages and offsets[g + 1] > offsets[g]:
+            buckets.setdefault((offsets[g + 1] - offsets[g], len(pages)), []).append(g)
+    covered = sum(length * len(groups) for (length, _), groups in buckets.items())
+    out = None
+    for (length, npages), groups in buckets.items():
+        b, first = len(groups), groups[0]
+        idx = _long_tensor([table.host_pages[g] for g in groups], k_pool.device)  # [B, n]
+        k = k_pool[idx].reshape(b, npages * tokens, heads, dim).transpose(1, 2)  # [B, H, n*T, D] view
+        v = v_pool[idx].reshape(b, npages * tokens, heads, dim).transpose(1, 2)
+        consecutive = groups == list(range(first, first + b))
+        if consecutive:
+            rows = slice(offsets[first], offsets[first] + b * length)
+            qg = q[rows]
+        else:
+            starts = _long_tensor([offsets[g] for g in groups], q.device)
+            rows = (starts[:, None] + torch.arange(length, device=q.device)).flatten()
+            qg = q.index_select(0, rows)
+        qg = qg.view(b, length, heads, dim).transpose(1, 2)  # [B, H, L, D] view
+        o = F.scaled_dot_product_attention(qg, k, v, scale=scale).transpose(1, 2)  # [B, L, H, D]
+        if consecutive and b * length == nq:  # the only batch, covering every query
+            return o.reshape(nq, heads, dim).contiguous()  # SDPA writes [B, L, H, D] for such q: no copy
+        if out is None:
+            out = q.new_empty(nq, heads, dim) if covered == nq else q.new_zeros(nq, heads, dim)
+        if consecutive:
+            out[rows].view(b, length, heads, dim).copy_(o)
+        else:
+            out.index_copy_(0, rows, o.reshape(b * length, heads, dim))
+    return out if out is not None else q.new_zeros(nq, heads, dim)
 
 
 # -------------------------------------------------------------------------------------------- triton
@@ -116,7 +139,7 @@ if triton is not None:
         pid_m = tl.program_id(0)
         g = tl.program_id(1)
         h = tl.program_id(2)
-        q_start = tl.load(q_offsets_ptr + g)
+        q_start = tl.load(q_offsets_ptr + g).to(tl.int64)  # int64: row * stride overflows int32 past 2^31 elements
         q_len = tl.load(q_offsets_ptr + g + 1) - q_start
         if pid_m * BLOCK_M >= q_len:
             return

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -114,14 +115,25 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_torch(path: Path) -> dict[str, torch.Tensor]:
+    with open(path, "rb") as fh:
+        magic = fh.read(2)
+    is_zip = magic == b"PK"  # torch.save's format since 1.6; memory-mappable
+    if not is_zip and magic[:1] != b"\x80":  # nor a legacy (pre-1.6) pickle
+        raise CheckpointError(
+            f"{path}: not a readable torch checkpoint (truncated or corrupt?): neither torch.save's zip format "
+            "nor a legacy pickle"
+        )
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=is_zip)
     except Exception as e:  # torch raises many types for corrupt, truncated or pickled-object files
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        found = re.search(r"GLOBAL\s+([\w.]+)", str(e))
+        if found:  # the weights-only unpickler met a class or function: refused before anything ran
             raise CheckpointError(
-                f"{path}: holds objects other than tensors; refusing to unpickle it (torch.load weights_only=True)"
+                f"{path}: holds objects other than tensors ({found.group(1)}); refusing to unpickle it "
+                "(only torch.load(weights_only=True) is used)"
             ) from e
-        raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): {e}") from e
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or corrupt?): {first_line}") from e
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     for name in ("generator_ema", "generator"):
@@ -132,7 +144,7 @@ def _read_torch(path: Path) -> dict[str, torch.Tensor]:
             break
     if "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
-    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(
             f"{path}: not a state dict: {len(bad)} entries are not tensors ({_few(map(str, bad))}); "
@@ -156,8 +168,12 @@ def _weight_files(path: Path) -> list[Path]:
         index = indexes[0]
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError(f"'weight_map' is a {type(weight_map).__name__}, not an object of file names")
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a valid shard index (expected a 'weight_map' object): {e}") from e
+        if not weight_map:
+            raise CheckpointError(f"{index}: not a valid shard index: 'weight_map' is empty")
         files = [path / name for name in sorted(set(weight_map.values()))]
         missing = [f for f in files if not f.exists()]
         if missing:
@@ -242,7 +258,7 @@ def _config_from_json(files: list[Path]) -> ModelConfig | None:
                 patch_size=tuple(raw.get("patch_size", (1, 2, 2))),
                 eps=raw.get("eps", 1e-6),
             )
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, ValueError) as e:  # ValueError: ModelConfig's own validation
         raise CheckpointError(f"{cfg_path}: missing or malformed field {e}") from e
     return None
 
@@ -253,40 +269,53 @@ def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def _check_state(state: Mapping[str, torch.Tensor], config: ModelConfig, path: Path) -> None:
+def _describe(state: Mapping[str, torch.Tensor]) -> str:
+    """The geometry the weights show (for error messages)."""
+    dim = state["patch_embedding.weight"].shape[0] if "patch_embedding.weight" in state else "?"
+    layers = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    return f"dim {dim}, {layers} layers"
+
+
+def _mismatch(state: Mapping[str, torch.Tensor], config: ModelConfig) -> str | None:
+    """Why the weights do not fit `config` (None if they do). Shapes come from a model on the meta device."""
     expected = _expected_shapes(config)
     missing = set(expected) - set(state)
     unexpected = set(state) - set(expected)
+    where = f"config {config.name!r} (dim {config.dim}, {config.num_layers} layers)"
     if missing or unexpected:
         parts = []
         if missing:
             parts.append(f"{len(missing)} missing keys ({_few(missing)})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys ({_few(unexpected)})")
-        raise CheckpointError(f"{path}: does not fit config {config.name!r}: " + "; ".join(parts))
+        return f"weights ({_describe(state)}) do not fit {where}: " + "; ".join(parts)
     for k, shape in expected.items():
         if tuple(state[k].shape) != shape:
-            raise CheckpointError(
-                f"{path}: key {k!r} has shape {tuple(state[k].shape)}, config {config.name!r} expects {shape}"
-            )
+            return f"key {k!r} has shape {tuple(state[k].shape)}, {where} expects {shape}"
+    return None
+
+
+def _check_state(state: Mapping[str, torch.Tensor], config: ModelConfig, path: Path) -> None:
+    why = _mismatch(state, config)
+    if why:
+        raise CheckpointError(f"{path}: {why}")
 
 
 def _guess_config(state: Mapping[str, torch.Tensor], path: Path) -> ModelConfig:
-    matches = []
-    for cfg in PRESETS.values():
-        try:
-            _check_state(state, cfg, path)
-        except CheckpointError:
-            continue
-        matches.append(cfg)
-    if len(matches) != 1:
-        dim = state["patch_embedding.weight"].shape[0] if "patch_embedding.weight" in state else "?"
-        layers = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-        raise CheckpointError(
-            f"{path}: weights (dim {dim}, {layers} layers) match {len(matches)} presets and there is no config.json "
-            f"beside them; pass config= one of {', '.join(PRESETS)} or a ModelConfig"
-        )
-    return matches[0]
+    why = {name: _mismatch(state, cfg) for name, cfg in PRESETS.items()}
+    matches = [PRESETS[name] for name, w in why.items() if w is None]
+    if len(matches) == 1:
+        return matches[0]
+    closest = ""
+    if not matches:  # say what is wrong against the preset of the same width, if there is one
+        dim = state["patch_embedding.weight"].shape[0] if "patch_embedding.weight" in state else None
+        same_dim = [name for name, cfg in PRESETS.items() if cfg.dim == dim]
+        if len(same_dim) == 1:
+            closest = f"; against {same_dim[0]!r}: {why[same_dim[0]]}"
+    raise CheckpointError(
+        f"{path}: weights ({_describe(state)}) match {len(matches)} presets and there is no config.json "
+        f"beside them; pass config= one of {', '.join(PRESETS)} or a ModelConfig{closest}"
+    )
 
 
 def load_transformer(
@@ -313,6 +342,7 @@ def load_transformer(
     with torch.device("meta"):
         model = CausalWanModel(config)
     model.load_state_dict(state, strict=True, assign=True)
+    del state  # the model now holds the only reference: a dtype/device move frees each read tensor as it goes
     return model.to(device=device, dtype=dtype).eval()
 
 
