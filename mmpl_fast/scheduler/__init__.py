@@ -1,0 +1,69 @@
+"""Scheduling a video: task DAG, cost model, telemetry, placement policies, simulator and timeline.
+
+Typical use::
+
+    from mmpl_fast.scheduler import build_dag, CostModel, Workload, Telemetry, plan
+
+    dag = build_dag("mmpl", num_segments=12, chain="terminal")
+    costs = CostModel(Workload("wan2.1-t2v-1.3b", steps=4))
+    with Telemetry() as tel:                       # "unavailable" without NVML: cost model only
+        schedule = plan(dag, costs, telemetry=tel)  # pre-flight memory check, then the adaptive policy
+    for launch in schedule.launches():             # what an executor issues, in start order
+        ...                                        # (task, device, stream, batch, start, end) each
+
+Modules: `dag` (tasks and edges), `costs` (profile cache and FLOP/byte estimate), `profiling` (measure a
+profile), `telemetry` (NVML), `placement` (devices, placements, schedules, lower bounds), `listsched` (list
+scheduling and dispatch), `policy` (round-robin, cp-first, adaptive), `memory` (pre-flight check),
+`simulate` (simulator and CLI: ``python -m mmpl_fast.scheduler``), `timeline` (Gantt PNG).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .costs import CostModel, Hardware, Profile, ProfileCache, Workload, cache_dir, task_signature
+from .dag import CHAIN_MODES, Edge, Task, TaskDAG, build_dag
+from .memory import InsufficientMemoryError, MemoryPlan, preflight
+from .placement import HOST, Bounds, Device, Placement, Schedule, Unit, lower_bound, simulated_devices
+from .policy import POLICIES, adaptive, cp_first, round_robin, schedule
+from .simulate import SimulationResult, simulate
+from .telemetry import DeviceStats, Telemetry
+
+
+def plan(
+    dag: TaskDAG,
+    costs: CostModel,
+    devices: Sequence[Device] | None = None,
+    *,
+    telemetry: Telemetry | None = None,
+    policy: str = "adaptive",
+    **kwargs,
+) -> Schedule:
+    """Pre-flight check, then `schedule` on the devices that fit.
+
+    Devices: `devices` if given, else one per GPU that `telemetry` sees (free memory from NVML), else one per
+    CUDA device torch sees with unknown memory, else a single ``cpu`` device. Without telemetry (or when it
+    is unavailable) the schedule rests on the cost model alone. Call it before the model is loaded: the
+    fixed part of the memory check already counts the weights.
+
+    Raises:
+        InsufficientMemoryError: nothing fits (the message says what would).
+    """
+    if devices is None:
+        devices = telemetry.devices() if telemetry is not None and telemetry.available else []
+        if not devices:
+            import torch
+
+            n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            devices = [Device(f"cuda:{i}") for i in range(n)] or [Device("cpu")]
+    memory = preflight(dag, costs, devices)
+    return schedule(dag, costs, memory.usable_devices(), policy, memory.usable_capacity(), **kwargs)
+
+
+__all__ = [
+    "CHAIN_MODES", "HOST", "POLICIES", "Bounds", "CostModel", "Device", "DeviceStats", "Edge", "Hardware",
+    "InsufficientMemoryError", "MemoryPlan", "Placement", "Profile", "ProfileCache", "Schedule",
+    "SimulationResult", "Task", "TaskDAG", "Telemetry", "Unit", "Workload", "adaptive", "build_dag", "cache_dir",
+    "cp_first", "lower_bound", "plan", "preflight", "round_robin", "schedule", "simulate", "simulated_devices",
+    "task_signature",
+]  # fmt: skip
