@@ -10,13 +10,15 @@ import torch
 from .config import ModelConfig, resolve_config
 from .model import CausalWanModel
 
-# Words of the procedural world (shapes, colours, motions) plus glue; anything else maps to <unk>.
+# Words of the procedural world (`mmpl_fast.world`: shapes, colours, motions) plus glue; anything else maps to
+# <unk>. Every caption `world.caption` writes uses only these words (tests check it).
 VOCAB_WORDS = (
     "a an the and with on of in over to one two three small large big tiny "
     "red green blue yellow orange purple white black gray pink cyan magenta brown "
     "circle square triangle ball box star disc shape shapes "
     "moving moves bouncing bounces circling circles drifting left right up down around slowly quickly "
-    "background scene video frame"
+    "background scene video frame "
+    "diamond"  # later additions go last: the ids of the words above stay the same
 ).split()
 
 
