@@ -6,9 +6,9 @@ setup(
     version="0.1.0",
     description="Macro-from-Micro Planning for long video generation with Triton kernels (Wan2.1 family)",
     python_requires=">=3.10",
-    packages=["mmpl_fast", "mmpl_fast.kernels"],
+    packages=["mmpl_fast", "mmpl_fast.kernels", "mmpl_fast.scheduler"],
     package_dir={"mmpl_fast": "mmpl_fast", "mmpl_fast.kernels": "kernels"},
-    package_data={"mmpl_fast": ["assets/*"]},
+    package_data={"mmpl_fast": ["assets/embedded/*.json", "assets/embedded/*/*"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",

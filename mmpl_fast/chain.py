@@ -97,6 +97,10 @@ class ChainPlan:
 def reencode(vae: VideoVAE, latents: torch.Tensor, plan: ChainPlan) -> torch.Tensor:
     """Start latents of the next segment from a finished segment's ``[F, C, h, w]`` latents.
 
+    The authors zero-pad the 5 kept frames to a full segment before encoding and keep the first two latents;
+    with a causal VAE (Wan's, and `WorldVAE`) those two latents depend on the 5 frames only, so encoding the 5
+    frames alone gives the same latents without the padding's work (tests check it on a Wan VAE).
+
     Returns ``[plan.start_latents, C, h, w]``.
     """
     a, b = plan.handoff[-2], plan.handoff[-1]

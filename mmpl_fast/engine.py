@@ -43,16 +43,19 @@ class SegmentJob:
     Attributes:
         index: the segment's number in the video (keys its random numbers and RoPE offsets nothing).
         prompt: key of its prompt in the cross-attention cache.
-        latents: ``[F, C, h, w]``; frames fill in as stages finish (given frames from the start).
+        latents: ``[F, C, h, w]``; frames fill in as stages finish (given frames from the start). Any device:
+            the engine moves what it reads and writes.
         given: frames supplied from outside (re-encode, image, video) rather than denoised.
-        pages: pool page of each frame (allocated on first use, the same in the cond and uncond pools).
+        done: stages finished.
+
+    Where the segment's keys and values live is the engine's business (`StageEngine.pages`), so one job can
+    move between engines on different devices (`export_pages` / `import_pages`).
     """
 
     index: int
     prompt: str
     latents: torch.Tensor
     given: frozenset[int] = frozenset()
-    pages: list[int] | None = None
     done: set[int] = field(default_factory=set)
 
 
@@ -95,29 +98,47 @@ class StageEngine:
             {f for later in layout.stages[k + 1 :] for f in later.reads} for k in range(layout.num_stages)
         ]
         self.model_calls = 0
+        self._pages: dict[int, list[int]] = {}  # segment index -> pool page of each of its frames
 
     @property
     def use_cfg(self) -> bool:
         return self.guidance > 1.0
 
-    def _pages(self, job: SegmentJob) -> list[int]:
-        if job.pages is None:
-            job.pages = self.pools["cond"].allocate(self.layout.num_frames)
+    def pages(self, job: SegmentJob) -> list[int]:
+        """The pool page of each of the job's frames (allocated on first use; the same in every branch's pool)."""
+        if job.index not in self._pages:
+            pages = self.pools["cond"].allocate(self.layout.num_frames)
             if self.use_cfg:
-                assert self.pools["uncond"].allocate(self.layout.num_frames) == job.pages, "pools out of step"
-        return job.pages
+                assert self.pools["uncond"].allocate(self.layout.num_frames) == pages, "pools out of step"
+            self._pages[job.index] = pages
+        return self._pages[job.index]
 
     def release(self, job: SegmentJob) -> None:
         """Give a finished segment's pages back."""
-        if job.pages is not None:
+        pages = self._pages.pop(job.index, None)
+        if pages is not None:
             for pool in self.pools.values():
-                pool.release(job.pages)
-            job.pages = None
+                pool.release(pages)
+
+    def export_pages(self, job: SegmentJob, frames: Sequence[int]) -> list[torch.Tensor]:
+        """Copies of the keys and values of `frames`: per guidance branch k then v, ``[layers, n, T, H, D]``."""
+        idx = torch.tensor([self.pages(job)[f] for f in frames], device=self.pools["cond"].k.device)
+        return [t.index_select(1, idx) for name in sorted(self.pools) for t in (self.pools[name].k, self.pools[name].v)]
+
+    def import_pages(self, job: SegmentJob, frames: Sequence[int], tensors: Sequence[torch.Tensor]) -> None:
+        """Write `export_pages`' tensors (from an engine on any device) into this engine's pages of `frames`."""
+        names = sorted(self.pools)
+        if len(tensors) != 2 * len(names):
+            raise ValueError(f"import_pages: expected {2 * len(names)} tensors (k, v per branch), got {len(tensors)}")
+        idx = torch.tensor([self.pages(job)[f] for f in frames], device=self.pools["cond"].k.device)
+        for i, name in enumerate(names):
+            for dst, src in zip((self.pools[name].k, self.pools[name].v), tensors[2 * i : 2 * i + 2]):
+                dst.index_copy_(1, idx, src.to(device=dst.device, dtype=dst.dtype))
 
     def _views(self, jobs, frames, reads) -> dict[str, object]:
         """One view per guidance branch, built once per stage and reused by every step."""
-        write = [[j.pages[f] for f in frames] for j in jobs]
-        read = [[j.pages[f] for f in reads] for j in jobs]
+        write = [[self.pages(j)[f] for f in frames] for j in jobs]
+        read = [[self.pages(j)[f] for f in reads] for j in jobs]
         return {name: pool.view(frames, write, read) for name, pool in self.pools.items()}
 
     def _call(self, jobs, views, x, t, branch: str) -> torch.Tensor:
@@ -138,8 +159,6 @@ class StageEngine:
         if any([f for f in spec.frames if f in j.given] != given_here for j in jobs):
             raise ValueError("run_stage: jobs in one batch must have the same given frames in this stage")
         todo = [f for f in spec.frames if f not in jobs[0].given]
-        for j in jobs:
-            self._pages(j)
         # The sampler state stays float32 whatever the model's dtype (the model casts its input), as the
         # reference keeps float32 latents between bf16 forwards.
         device, dtype = self.model.device, torch.float32
@@ -167,7 +186,7 @@ class StageEngine:
                         x = replaced.to(device, dtype)
             clean = x
             for b, j in enumerate(jobs):
-                j.latents[todo] = clean[b].to(j.latents.dtype)
+                j.latents[todo] = clean[b].to(j.latents)
             if set(todo) & self._read_later[stage]:
                 self._cache_pass(jobs, views, clean)
         for j in jobs:

@@ -20,7 +20,8 @@ import torch
 
 from . import distributed
 from .layouts import LAYOUTS
-from .pipeline import FPS, MODES, Pipeline
+from .pipeline import FPS, KINDS, MODES, Pipeline
+from .sampling import SAMPLERS
 
 EXAMPLE = (
     'python -m mmpl_fast.generate --prompt "a red circle bouncing on a blue background" --seconds 10 --out out.mp4'
@@ -57,16 +58,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="next segment starts from the terminal keyframes, or the middle ones")  # fmt: skip
     h.add_argument("--steps", type=int, help="denoising steps per stage (default by checkpoint kind)")
     h.add_argument("--guidance", type=float, help="classifier-free guidance scale (default by checkpoint kind)")
+    h.add_argument("--sampler", choices=list(SAMPLERS), help="few-step, unipc or euler (default by checkpoint kind)")
+    h.add_argument("--shift", type=float, help="timestep shift (default by checkpoint kind)")
     h.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    h.add_argument("--batch-segments", type=int, default=4, help="segments populated together (default 4)")
+    h.add_argument("--batch-segments", type=int, default=4,
+                   help="at most this many segments hold KV pages on a device at once, and so are populated in one "
+                   "batched launch (default 4)")  # fmt: skip
+    h.add_argument("--policy", choices=["adaptive", "round-robin", "cp-first"], default="adaptive",
+                   help="how the scheduler places and orders tasks on the devices (default adaptive)")  # fmt: skip
 
     m = p.add_argument_group("model and output")
     m.add_argument("--model", help="diffusers Wan2.1 folder, or a transformer checkpoint (then also --components); "
                    "default: the embedded tiny model")  # fmt: skip
     m.add_argument("--components", help="diffusers Wan2.1 folder supplying tokenizer, text encoder and VAE")
+    m.add_argument("--kind", choices=list(KINDS),
+                   help="what the weights are, which sets the sampling defaults: a .pt checkpoint is taken for "
+                   "Self-Forcing (4 few-step steps, no guidance); pass --kind mmpl for MMPL's released weights "
+                   "(50 UniPC steps, shift 5, guidance 5); default: from the folder or the format")  # fmt: skip
     m.add_argument("--out", default="out.mp4", help="output .mp4 (written under a temporary name, then renamed)")
     m.add_argument("--workdir", help="save finished segments here; rerunning the same command resumes")
     m.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    m.add_argument("--devices", default=None,
+                   help="several devices of this process, comma-separated (cuda:0,cuda:1): each gets a copy of "
+                   "the model and the scheduler spreads the segments' stages over them; under torchrun each rank "
+                   "uses one device instead")  # fmt: skip
+    m.add_argument("--timeline", default=None, help="write a Gantt chart (PNG) of what the run did, per device")
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -94,15 +110,15 @@ def _read_prompts(path: str) -> dict:
     return {"segment_prompts": lines}
 
 
-def _check_out(path: str) -> Path:
+def _check_out(path: str, suffix: str = ".mp4", flag: str = "--out") -> Path:
     out = Path(path)
-    if out.suffix.lower() != ".mp4":
-        raise ValueError(f"--out {out}: only .mp4 output is supported")
+    if out.suffix.lower() != suffix:
+        raise ValueError(f"{flag} {out}: only {suffix} output is supported")
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
-        raise ValueError(f"--out {out}: folder {parent} does not exist")
+        raise ValueError(f"{flag} {out}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
-        raise ValueError(f"--out {out}: not writable")
+        raise ValueError(f"{flag} {out}: not writable")
     return out
 
 
@@ -120,20 +136,23 @@ def _load_media(args) -> dict:
     return {}
 
 
-def load_pipeline(model: str | None, components: str | None, device: str) -> Pipeline:
+def load_pipeline(model: str | None, components: str | None, device: str, kind: str | None = None) -> Pipeline:
     if model is None:
         from . import embedded
 
-        return embedded.load_pipeline(device=device)
+        pipe = embedded.load_pipeline(device=device)
+        if kind is not None:
+            pipe.kind = kind
+        return pipe
     path = Path(model)
     if not path.exists():
         raise FileNotFoundError(f"--model not found: {path}")
     if path.is_dir() and (path / "model_index.json").exists():
-        return Pipeline.from_pretrained(path, device=device)
+        return Pipeline.from_pretrained(path, device=device, kind=kind)
     if components is None:
         raise ValueError(f"--model {path} is a transformer checkpoint: pass --components DIR (a diffusers Wan2.1 "
                          "folder with tokenizer, text_encoder and vae)")  # fmt: skip
-    return Pipeline.from_pretrained(components, transformer=path, device=device)
+    return Pipeline.from_pretrained(components, transformer=path, device=device, kind=kind)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,16 +177,24 @@ def main(argv: list[str] | None = None) -> int:
         if args.image and args.video:
             raise ValueError("pass --image or --video, not both")
         out = _check_out(args.out)
+        if args.timeline is not None:
+            _check_out(args.timeline, suffix=".png", flag="--timeline")
         prompts = {"prompt": args.prompt} if args.prompt is not None else _read_prompts(args.prompts_file)
         if "prompt" in prompts and not args.prompt.strip():
             raise ValueError("--prompt is empty")
         media = _load_media(args)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        devices = _split_devices(args.devices)
+        if devices and args.device and args.device != devices[0]:
+            raise ValueError(f"--device {args.device} and --devices {args.devices}: the first of --devices is the "
+                             "main device; pass one of them")  # fmt: skip
+        device = (devices[0] if devices else args.device) or ("cuda" if torch.cuda.is_available() else "cpu")
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {device}: CUDA is not available on this machine")
         if distributed.init_from_env(device) and device == "cuda":
             device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # torchrun: one GPU per local rank
-        pipe = load_pipeline(args.model, args.components, device)
+        if args.shift is not None and not args.shift > 0:
+            raise ValueError(f"--shift must be > 0, got {args.shift}")
+        pipe = load_pipeline(args.model, args.components, device, args.kind)
     except (ValueError, TypeError, FileNotFoundError) as e:
         _fail(parser, str(e))
 
@@ -202,6 +229,13 @@ def main(argv: list[str] | None = None) -> int:
         tmp.unlink(missing_ok=True)
         raise
     wall = time.perf_counter() - start
+    if args.timeline is not None and "measured" in info:
+        from .scheduler import plot_timeline
+
+        measured = info["measured"]
+        plot_timeline(measured, args.timeline, title=f"{measured.policy}: {info.get('num_segments')} segments, "
+                      f"{measured.makespan:.1f} s")  # fmt: skip
+        print(f"wrote {args.timeline}: the run's timeline, per device")
     if torch.cuda.is_available() and str(pipe.device).startswith("cuda"):
         peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB GPU"
     else:
@@ -217,10 +251,21 @@ def main(argv: list[str] | None = None) -> int:
 def _call_kwargs(args, num_frames: int, prompts: dict, media: dict, info: dict) -> dict:
     return dict(
         negative_prompt=args.negative_prompt, height=args.height, width=args.width, num_frames=num_frames,
-        num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, mode=args.mode,
+        num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler, shift=args.shift,
+        seed=args.seed, mode=args.mode,
         layout=args.layout, chain=args.chain, batch_segments=args.batch_segments, workdir=args.workdir,
-        progress=not args.quiet, output_type="np", _info=info, **prompts, **media,
+        policy=args.policy, devices=_split_devices(args.devices), progress=not args.quiet, output_type="np",
+        _info=info, **prompts, **media,
     )  # fmt: skip
+
+
+def _split_devices(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    devices = [d.strip() for d in text.split(",") if d.strip()]
+    if not devices:
+        raise ValueError(f"--devices {text!r}: expected a comma-separated list such as cuda:0,cuda:1")
+    return devices
 
 
 def _chain(first, rest):

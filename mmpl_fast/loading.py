@@ -115,8 +115,11 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_torch(path: Path) -> dict[str, torch.Tensor]:
-    with open(path, "rb") as fh:
-        magic = fh.read(2)
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(2)
+    except OSError as e:  # permission denied, a folder, ...
+        raise CheckpointError(f"{path}: cannot be read: {e.strerror or e}") from e
     is_zip = magic == b"PK"  # torch.save's format since 1.6; memory-mappable
     if not is_zip and magic[:1] != b"\x80":  # nor a legacy (pre-1.6) pickle
         raise CheckpointError(
@@ -307,9 +310,12 @@ def _guess_config(state: Mapping[str, torch.Tensor], path: Path) -> ModelConfig:
     if len(matches) == 1:
         return matches[0]
     closest = ""
-    if not matches:  # say what is wrong against the preset of the same width, if there is one
+    if not matches:  # say what is wrong against the preset of the same width (and depth), if there is one
         dim = state["patch_embedding.weight"].shape[0] if "patch_embedding.weight" in state else None
+        layers = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
         same_dim = [name for name, cfg in PRESETS.items() if cfg.dim == dim]
+        if len(same_dim) > 1:
+            same_dim = [name for name in same_dim if PRESETS[name].num_layers == layers]
         if len(same_dim) == 1:
             closest = f"; against {same_dim[0]!r}: {why[same_dim[0]]}"
     raise CheckpointError(

@@ -257,13 +257,15 @@ class CausalWanModel(nn.Module):
         if view.k.shape[2] != t:
             raise ValueError(f"view: pool pages hold {view.k.shape[2]} tokens, a {hh}x{ww} latent frame has {t}")
 
-        # [B, F, Cin, H, W] -> conv over each frame -> [B, F, T, C]
-        h = self.patch_embedding(x.transpose(1, 2).to(self.dtype))  # [B, C, F, gh, gw]
+        # [B, F, Cin, H, W] -> conv over each frame -> [B, F, T, C]. The patch and time embeddings run one
+        # segment at a time: their small matrix products take other kernel paths for other batch sizes, and a
+        # segment's video must not depend on how many segments share its call.
+        h = torch.cat([self.patch_embedding(xs.transpose(1, 2).to(self.dtype)) for xs in x.split(1)])
         h = h.flatten(3).permute(0, 2, 3, 1).contiguous()
 
-        sin = sinusoidal_embedding(cfg.freq_dim, timesteps)
-        e = self.time_embedding(sin.to(self.time_embedding[0].weight.dtype))  # [B*F, C]
-        e6 = self.time_projection(e).float().view(b, f, 6, cfg.dim)
+        sin = sinusoidal_embedding(cfg.freq_dim, timesteps).to(self.time_embedding[0].weight.dtype).view(b, f, -1)
+        e = torch.cat([self.time_embedding(row) for row in sin])  # [B*F, C]
+        e6 = torch.cat([self.time_projection(row) for row in e.view(b, f, -1)]).float().view(b, f, 6, cfg.dim)
         e = e.float().view(b, f, cfg.dim)
 
         rope = self.rope(x.device)

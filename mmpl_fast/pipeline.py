@@ -15,9 +15,11 @@ One call, as data::
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -36,10 +38,11 @@ from .layouts import Layout, get_layout
 from .loading import load_transformer, read_state_dict, save_transformer
 from .model import CausalWanModel
 from .sampling import default_sampling, make_sampler
+from .scheduler.execute import Executor
 
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")
 MODES = {"mmpl": "mmpl", "ar": "ar"}
-KINDS = ("tiny", "self_forcing", "causvid", "mmpl", "wan")
+KINDS = ("tiny", "self_forcing", "causvid", "mmpl", "wan", "world")
 FPS = 16  # Wan2.1 video frame rate
 
 
@@ -106,6 +109,25 @@ def _to_frames(x, name: str) -> torch.Tensor:
     raise TypeError(f"{name}: expected a PIL image, numpy array, tensor or a list of them, got {type(x).__name__}")
 
 
+def _vae_class(folder: Path):
+    """diffusers `AutoencoderKLWan`, or the embedded model's `WorldVAE`, as the folder's config.json says."""
+    from diffusers import AutoencoderKLWan
+
+    from .world_vae import WorldVAE
+
+    classes = {"AutoencoderKLWan": AutoencoderKLWan, "WorldVAE": WorldVAE}
+    config = folder / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"pipeline component missing: {config}")
+    try:
+        name = json.loads(config.read_text()).get("_class_name", "AutoencoderKLWan")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config}: not valid JSON: {e}") from e
+    if name not in classes:
+        raise ValueError(f"{config}: VAE class {name!r} is not one of {', '.join(classes)}")
+    return classes[name]
+
+
 def _save_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
@@ -124,6 +146,8 @@ class Pipeline:
         tokenizer: its tokenizer.
         kind: what the weights are, to pick sampling defaults: one of `KINDS`.
         default_size: (height, width) used when the call gives none.
+        sampling: overrides of the kind's sampling defaults (``sampler``, ``steps``, ``shift``, ``guidance``),
+            e.g. the shift a model was trained with; saved with the pipeline.
     """
 
     def __init__(
@@ -135,9 +159,15 @@ class Pipeline:
         *,
         kind: str = "wan",
         default_size: tuple[int, int] = (480, 832),
+        sampling: dict | None = None,
     ):
         if kind not in KINDS:
             raise ValueError(f"kind {kind!r} is not one of {', '.join(KINDS)}")
+        sampling = dict(sampling or {})
+        unknown = set(sampling) - {"sampler", "steps", "shift", "guidance"}
+        if unknown:
+            raise ValueError(f"sampling: unknown keys {sorted(unknown)}; allowed: sampler, steps, shift, guidance")
+        self.sampling = sampling
         self.transformer = transformer.eval()
         self.vae = VideoVAE(vae)
         self.text = TextEncoder(tokenizer, text_encoder, transformer.config.text_len)
@@ -166,7 +196,6 @@ class Pipeline:
         `transformer` replaces the folder's transformer with a checkpoint in any supported format (original Wan,
         diffusers, Self-Forcing/MMPL ``.pt``). Nothing is downloaded; a missing component is an error naming it.
         """
-        from diffusers import AutoencoderKLWan
         from transformers import AutoTokenizer, UMT5EncoderModel
 
         root = Path(path)
@@ -183,12 +212,13 @@ class Pipeline:
         extra = json.loads((root / "model_index.json").read_text()).get("mmpl_fast", {})
         if kind is None:
             kind = "self_forcing" if fmt == "self_forcing" else extra.get("kind", "wan")
-        vae = AutoencoderKLWan.from_pretrained(root / "vae", local_files_only=True).to(device)
+        vae = _vae_class(root / "vae").from_pretrained(root / "vae", local_files_only=True).to(device)
         text_dtype = dtype if dtype is not None else torch.float32
         encoder = UMT5EncoderModel.from_pretrained(root / "text_encoder", local_files_only=True, dtype=text_dtype)
         tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
         size = tuple(extra.get("default_size", (480, 832)))
-        return cls(model, vae, encoder.to(device), tokenizer, kind=kind, default_size=size)
+        return cls(model, vae, encoder.to(device), tokenizer, kind=kind, default_size=size,
+                   sampling=extra.get("sampling"))  # fmt: skip
 
     @classmethod
     def tiny(cls, seed: int = 0, device: torch.device | str = "cpu") -> Pipeline:
@@ -213,9 +243,9 @@ class Pipeline:
             "_class_name": "WanPipeline",
             "tokenizer": ["transformers", type(self.text.tokenizer).__name__],
             "text_encoder": ["transformers", type(self.text.encoder).__name__],
-            "vae": ["diffusers", "AutoencoderKLWan"],
+            "vae": [type(self.vae.vae).__module__.split(".")[0], type(self.vae.vae).__name__],
             "transformer": ["diffusers", "WanTransformer3DModel"],
-            "mmpl_fast": {"kind": self.kind, "default_size": list(self.default_size)},
+            "mmpl_fast": {"kind": self.kind, "default_size": list(self.default_size), "sampling": self.sampling},
         }
         (root / "model_index.json").write_text(json.dumps(index, indent=1))
         return root
@@ -338,6 +368,9 @@ class Pipeline:
         shift: float | None = None,
         batch_segments: int = 4,
         workdir: str | os.PathLike | None = None,
+        devices: Sequence[str | torch.device] | None = None,
+        policy: str = "adaptive",
+        profile: bool = True,
         progress: bool = True,
         _info: dict | None = None,
     ) -> Iterator[SegmentFrames]:
@@ -355,8 +388,19 @@ class Pipeline:
             layout: a layout name or `Layout`, overriding the mode's.
             chain: ``"terminal"`` (next segment starts from the terminal keyframes) or ``"middle"``.
             image / video: start the first segment from these frames instead of noise.
-            batch_segments: segments populated together in one batched call (also bounds KV memory).
-            workdir: save each finished window of segments there; a rerun resumes after them.
+            batch_segments: at most this many segments hold KV pages on a device at once (so also the largest
+                batched launch); the scheduler decides the packing within that and the device's free memory.
+            workdir: save each finished segment there; a rerun resumes after the last one.
+            devices: run on several devices of this process (e.g. ``["cuda:0", "cuda:1"]``), each with its own
+                copy of the transformer and VAE; default: the pipeline's device. Under torchrun each rank runs
+                its own device and this must be None.
+            policy: how tasks are placed and ordered: ``"adaptive"`` (default), ``"round-robin"`` (the MMPL
+                authors' scheme) or ``"cp-first"`` (`mmpl_fast.scheduler`).
+            profile: fold the measured task times into the device's cached profile (`scheduler.ProfileCache`,
+                under ``$MMPL_FAST_CACHE_DIR``), which later runs schedule with.
+
+        ``info`` of `__call__`'s output gets ``schedule`` (the plan) and ``measured`` (what ran, with measured
+        times; `scheduler.plot_timeline` draws either).
         """
         info = _info if _info is not None else {}
         height = self.default_size[0] if height is None else height
@@ -364,6 +408,11 @@ class Pipeline:
         self.check_inputs(height, width, num_frames, num_inference_steps, guidance_scale, output_type, mode)
         if not isinstance(batch_segments, int) or batch_segments <= 0:
             raise ValueError(f"batch_segments must be a positive int, got {batch_segments!r}")
+        from .scheduler import POLICIES
+
+        if policy not in POLICIES:
+            raise ValueError(f"policy {policy!r} is not one of {', '.join(POLICIES)}")
+        self._devices(devices)  # checks them before any work
         if image is not None and video is not None:
             raise ValueError("pass either image= or video=, not both")
         lay = get_layout(layout if layout is not None else MODES[mode])
@@ -376,7 +425,7 @@ class Pipeline:
             if name not in ("latents", "velocity"):
                 raise ValueError(f"callback_on_step_end_tensor_inputs: {name!r} is not one of 'latents', 'velocity'")
         seed = _seed_from(generator, seed)
-        defaults = default_sampling(self.kind)
+        defaults = {**default_sampling(self.kind), **self.sampling}
         steps = num_inference_steps or defaults["steps"]
         guidance = float(defaults["guidance"] if guidance_scale is None else guidance_scale)
         sampler = sampler or defaults["sampler"]
@@ -389,7 +438,7 @@ class Pipeline:
                 raise ValueError(f"image/video frames are {tuple(frames.shape[2:])}, expected {(height, width)}")
             start_frames = frames if image is None else frames[:, :1]
 
-        work = self._open_workdir(workdir, run_signature(
+        work = None if _rank() != 0 else self._open_workdir(workdir, run_signature(
             prompts, negative_prompt, height, width, num_frames, steps, guidance, seed, lay, chain, sampler, shift,
             batch_segments,
             start_frames, self.transformer,
@@ -404,24 +453,14 @@ class Pipeline:
         info.update(seed=seed, num_segments=num_segments, layout=lay.name, steps=steps, guidance=guidance,
                     video_frames=num_frames, generated_frames=total_video, fps=FPS)  # fmt: skip
 
-        # 1. prompts -> cross-attention K/V, once per distinct prompt
-        cross = CrossAttentionCache()
+        # 1. prompts -> text states, once per distinct prompt (each device embeds its cross-attention K/V once)
         neg_key = "\x00negative:" + (negative_prompt or "")
         texts = sorted(set(prompts)) + ([neg_key] if guidance > 1 else [])
-        states = self.text([t[len("\x00negative:") :] if t == neg_key else t for t in texts])
-        for i, key in enumerate(texts):
-            cross.get(self.transformer, key, states[i : i + 1])
+        text_states = self.text([t[len("\x00negative:") :] if t == neg_key else t for t in texts])
 
-        # 2. engine with one pool per guidance branch, sized for one window of segments
+        # 2. the task DAG of the segments still to make, scheduled on the devices (pre-flight memory check)
         cfg = self.transformer.config
         lh, lw = height // self.vae.spatial, width // self.vae.spatial
-        tokens = cfg.tokens_per_frame(lh, lw)
-        pages = batch_segments * lay.num_frames
-        pools = {"cond": KVPool.for_model(self.transformer, pages, tokens)}
-        if guidance > 1:
-            pools["uncond"] = KVPool.for_model(self.transformer, pages, tokens)
-        engine = StageEngine(self.transformer, lay, smp, pools, cross, seed=seed, guidance=guidance,
-                             negative_key=neg_key)  # fmt: skip
         latent_shape = (lay.num_frames, cfg.in_channels, lh, lw)
 
         def step_callback(stage, i, t, x, v):
@@ -429,6 +468,9 @@ class Pipeline:
                 return None
             self.current_stage = stage
             named = {"latents": x, "velocity": v}
+            # as diffusers: (pipe, step index, timestep tensor, tensors); the index counts the current stage's
+            # steps (`pipe.current_segment` / `current_stage` say which)
+            t = torch.tensor(t, dtype=torch.float32)
             out = callback_on_step_end(self, i, t, {k: named[k] for k in callback_on_step_end_tensor_inputs})
             return (out or {}).get("latents")
 
@@ -438,119 +480,125 @@ class Pipeline:
             given = encode_start(self.vae, start_frames.to(self.device))
         if done:
             given = reencode(self.vae, done[-1], plan) if len(done) < num_segments else None
-        run = _Run(plan, prompts, engine, latent_shape, num_frames, output_type, work, done, given, step_callback)
+        first = _broadcast_int(len(done))  # torchrun: only rank 0 reads and writes the workdir
+        if _world() > 1 and first < num_segments and (first or given is not None):
+            given = _broadcast_tensor(given, (plan.start_latents, *latent_shape[1:]))
+        run = _Run(plan, prompts, latent_shape, num_frames, output_type, work, done, given, step_callback, first)
         bar = tqdm(
             total=num_segments * lay.num_stages, desc="stages", unit="stage", disable=not progress or _rank() != 0
         )
-        bar.update(len(done) * lay.num_stages)
+        bar.update(first * lay.num_stages)
+        gen = None
         try:
-            if _world() > 1:
-                yield from self._stream_distributed(run, bar)
-            else:
-                yield from self._stream_local(run, bar, batch_segments)
+            emitter = _Emitter(run)
+            for s, lat in enumerate(run.done):
+                yield emitter.emit(s, self._decode(run, s, lat, self.vae), lat)
+            if first < num_segments:
+                sched, states, transport, workload = self._schedule(run, lay, chain, smp, steps, guidance, texts,
+                                                          text_states, neg_key, seed, batch_segments, policy,
+                                                          devices)  # fmt: skip
+                gen = _Generation(self, run, sched, states, workload)
+                ex = Executor(sched, gen, transport, on_launch=lambda launch: gen.progress(launch, bar))
+                info["schedule"] = sched
+                for p in ex.run():
+                    s = first + p.task.segment
+                    video, latents = gen.host_result(p, ex)
+                    if run.work is not None:
+                        _save_atomic(run.work / f"segment_{s:05d}.safetensors", {"latents": latents}, {})
+                    yield emitter.emit(s, video, latents)
+                info["measured"] = ex.measured()
+                if profile:
+                    gen.update_profile(info["measured"])
         finally:
             bar.close()
-            info["model_calls"] = engine.model_calls
+            info["model_calls"] = gen.model_calls if gen is not None else 0
             self.current_segment = self.current_stage = None
 
-    # ------------------------------------------------------------------------------------- executors
-    def _new_job(self, run: _Run, s: int, given: torch.Tensor | None) -> SegmentJob:
-        lat = torch.zeros(run.latent_shape, dtype=torch.float32, device=self.device)
-        idx: frozenset[int] = frozenset()
-        if given is not None:
-            lat[: given.shape[0]] = given.to(lat)
-            idx = frozenset(range(given.shape[0]))
-        return SegmentJob(index=s, prompt=run.prompts[s], latents=lat, given=idx)
+    # ------------------------------------------------------------------------------------- execution
+    def _devices(self, devices) -> list[torch.device]:
+        """This process's devices: one per rank under torchrun, else `devices` (default: the pipeline's)."""
+        if _world() > 1:
+            if devices is not None:
+                raise ValueError("devices: under torchrun each rank runs one device (the pipeline's)")
+            return [self.device]
+        if devices is None:
+            return [self.device]
+        if isinstance(devices, (str, torch.device)) or not isinstance(devices, Sequence) or not devices:
+            raise TypeError("devices must be a non-empty list of devices, e.g. ['cuda:0', 'cuda:1']")
+        out = []
+        for d in devices:
+            try:
+                dev = torch.device(d)
+            except (RuntimeError, TypeError) as e:
+                raise ValueError(f"devices: {d!r} is not a device: {e}") from None
+            if dev.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"devices: {d!r}: CUDA is not available on this machine")
+            out.append(dev)
+        return out
 
-    def _chain_part(self, run: _Run, job: SegmentJob, bar) -> torch.Tensor | None:
-        """Run a segment's chain stages; return the next segment's start latents (None for the last)."""
-        self.current_segment = job.index
-        for k in run.plan.chain_stages():
-            bar.set_description(f"segment {job.index} stage {k} ({run.plan.layout.stages[k].role})")
-            run.engine.run_stage([job], k, run.callback)
-            bar.update(1)
-        return reencode(self.vae, job.latents, run.plan) if job.index + 1 < run.num_segments else None
+    def _replica(self, device: torch.device):
+        """(transformer, VideoVAE) on `device`: the pipeline's own, or copies made once per device."""
+        if device == self.device or (device.type == self.device.type == "cpu"):
+            return self.transformer, self.vae
+        cache = self.__dict__.setdefault("_replicas", {})
+        if device not in cache:
+            model = copy.deepcopy(self.transformer).to(device)
+            cache[device] = (model, VideoVAE(copy.deepcopy(self.vae.vae).to(device)))
+        return cache[device]
 
-    def _populate(self, run: _Run, window: list[SegmentJob], bar) -> None:
-        for k in run.plan.populate_stages():
-            role = run.plan.layout.stages[k].role
-            bar.set_description(f"segments {window[0].index}-{window[-1].index} stage {k} ({role})")
-            run.engine.run_stage(window, k, run.callback)
-            bar.update(len(window))
-        for j in window:
-            run.engine.release(j)
-            if run.work is not None:
-                _save_atomic(run.work / f"segment_{j.index:05d}.safetensors", {"latents": j.latents}, {})
+    def _schedule(self, run, lay, chain, smp, steps, guidance, texts, text_states, neg_key, seed, batch_segments,
+                  policy, devices):  # fmt: skip
+        """Plan the remaining segments on the devices, and build each local device's engine."""
+        from .scheduler import CostModel, Device, ProfileCache, Workload, build_dag, preflight, schedule
+        from .scheduler.execute import DistributedTransport, LocalTransport
+        from .scheduler.profiling import device_name
 
-    def _decode(self, run: _Run, s: int, latents: torch.Tensor) -> torch.Tensor:
+        cfg = self.transformer.config
+        devs = self._devices(devices)
+        world, rank = _world(), _rank()
+        dtype = str(self.transformer.dtype).removeprefix("torch.")
+        workload = Workload(cfg, run.latent_shape[2] * self.vae.spatial, run.latent_shape[3] * self.vae.spatial,
+                            steps=steps, guidance=guidance, dtype=dtype if dtype in DTYPE_NAMES else "float32",
+                            vae_spatial=self.vae.spatial, vae_temporal=self.vae.temporal,
+                            num_prompts=len(texts))  # fmt: skip
+        names = [device_name(d) for d in devs]
+        costs = CostModel(workload, profile=ProfileCache().load(names[0], cfg, workload.dtype))
+        dag = build_dag(lay, run.num_segments - run.first, chain)
+        if world > 1:  # one device per rank: every rank's free memory, gathered
+            mine = _free_memory(devs[0])
+            free = _all_gather_int(-1 if mine is None else mine)
+            sched_devices = [Device(f"rank {r}", memory_bytes=None if f < 0 else f) for r, f in enumerate(free)]
+        else:
+            sched_devices = [Device(str(d), memory_bytes=_free_memory(d)) for d in devs]
+        memory = preflight(dag, costs, sched_devices)
+        capacity = [batch_segments if c is None else min(c, batch_segments) for c in memory.capacity]
+        sched = schedule(dag, costs, sched_devices, policy, capacity)
+        if world > 1:
+            sched = _broadcast_schedule(sched)
+        transport = DistributedTransport(self.device) if world > 1 else LocalTransport()
+        states = {}
+        local = [rank] if world > 1 else list(range(len(devs)))
+        peak = sched.peak_resident()
+        for i in local:
+            dev = devs[0] if world > 1 else devs[i]
+            model, vae = self._replica(dev)
+            cross = CrossAttentionCache()
+            for k, key in enumerate(texts):
+                cross.get(model, key, text_states[k : k + 1].to(dev))
+            tokens = cfg.tokens_per_frame(*run.latent_shape[2:])
+            pages = max(1, peak[i]) * lay.num_frames
+            pools = {"cond": KVPool.for_model(model, pages, tokens)}
+            if guidance > 1:
+                pools["uncond"] = KVPool.for_model(model, pages, tokens)
+            engine = StageEngine(model, lay, smp, pools, cross, seed=seed, guidance=guidance, negative_key=neg_key)
+            states[i] = _DeviceState(dev, engine, vae, names[0 if world > 1 else i])
+        return sched, states, transport, workload
+
+    def _decode(self, run: _Run, s: int, latents: torch.Tensor, vae: VideoVAE) -> torch.Tensor:
         """A segment's stitched (not yet trimmed) video ``[3, T, H, W]`` in [-1, 1]."""
         if run.output_type == "latent":
             return torch.zeros(0)
-        return run.plan.stitch(s, self.vae.decode(latents[None, : run.plan.kept_latents]))[0]
-
-    def _stream_local(self, run: _Run, bar, batch_segments: int) -> Iterator[SegmentFrames]:
-        emitter = _Emitter(run)
-        for s, lat in enumerate(run.done):
-            yield emitter.emit(s, self._decode(run, s, lat), lat)
-        given, window = run.given, []
-        for s in range(len(run.done), run.num_segments):
-            job = self._new_job(run, s, given)
-            given = self._chain_part(run, job, bar)
-            window.append(job)
-            if len(window) < batch_segments and s + 1 < run.num_segments:
-                continue
-            self._populate(run, window, bar)
-            for j in window:
-                yield emitter.emit(j.index, self._decode(run, j.index, j.latents), j.latents)
-            window = []
-
-    def _stream_distributed(self, run: _Run, bar) -> Iterator[SegmentFrames]:
-        """Segments round-robin over the ranks of the default process group (torchrun). Start latents pass
-        from the owner of segment s to the owner of s + 1; decoded segments go to rank 0, which yields them."""
-        from . import distributed as d
-
-        rank, world = _rank(), _world()
-        owner = [s % world for s in range(run.num_segments)]
-        first = len(run.done)
-        emitter = _Emitter(run) if rank == 0 else None
-        pending = {}
-        if rank == 0:
-            for s, lat in enumerate(run.done):
-                yield emitter.emit(s, self._decode(run, s, lat), lat)
-            for s in range(first, run.num_segments):
-                if owner[s] != 0:
-                    pending[s] = d.post_segment_recv(self, run, s, owner[s])
-        sends = []
-        given_local = run.given
-        try:
-            for s in range(first, run.num_segments):
-                if owner[s] != rank:
-                    continue
-                if s == first or owner[s - 1] == rank:
-                    given = run.given if s == first else given_local
-                else:
-                    given = d.recv_start(run, s, owner[s - 1])
-                job = self._new_job(run, s, given)
-                given_local = self._chain_part(run, job, bar)
-                if given_local is not None and owner[s + 1] != rank:
-                    sends.append(d.send_start(given_local, s + 1, owner[s + 1]))
-                self._populate(run, [job], bar)
-                video = self._decode(run, s, job.latents)
-                if rank == 0:
-                    pending[s] = d.Ready(video, job.latents)
-                    while emitter.next in pending and pending[emitter.next].done():
-                        nxt = emitter.next
-                        yield emitter.emit(nxt, *pending.pop(nxt).result())
-                else:
-                    sends.extend(d.send_segment(video, job.latents, s))
-            if rank == 0:
-                while emitter.next < run.num_segments:
-                    nxt = emitter.next
-                    yield emitter.emit(nxt, *d.wait(pending.pop(nxt), nxt, owner[nxt]))
-            for w in sends:
-                d.wait_send(w)
-        except RuntimeError as e:
-            raise RuntimeError(f"rank {rank} of {world}: {e}") from e
+        return run.plan.stitch(s, vae.decode(latents[None, : run.plan.kept_latents]))[0]
 
     # --------------------------------------------------------------------------------------- helpers
     def _open_workdir(self, workdir, signature: str) -> Path | None:
@@ -592,18 +640,249 @@ class _Run:
 
     plan: ChainPlan
     prompts: list[str]
-    engine: StageEngine
     latent_shape: tuple[int, ...]
     num_frames: int
     output_type: str
     work: Path | None
     done: list[torch.Tensor]
-    given: torch.Tensor | None
+    given: torch.Tensor | None  # start latents of segment `first` (image / video / resume), else None
     callback: Callable
+    first: int = 0  # segments already finished (resume): the DAG covers segments first .. num_segments - 1
 
     @property
     def num_segments(self) -> int:
         return len(self.prompts)
+
+    def video_frames(self, s: int) -> int:
+        """Frames segment `s` adds to the stitched video."""
+        return self.plan.first_segment_frames if s == 0 else self.plan.later_segment_frames
+
+
+@dataclass
+class _DeviceState:
+    """What one device holds during a run: its engine (model replica, KV pools, cross-attention cache), its
+    VAE, its copy of each segment's latents, and the videos it decoded."""
+
+    device: torch.device
+    engine: StageEngine
+    vae: VideoVAE
+    name: str
+    jobs: dict[int, SegmentJob] = field(default_factory=dict)
+    videos: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class _Generation:
+    """The pipeline's side of a scheduled run (`scheduler.execute.Work`): what each task does on its device
+    and what each edge carries.
+
+    * stage tasks: `StageEngine.run_stage` on the device's engine, for every segment of a batched launch; a
+      segment's first stage starts from the given latents (the run's image / video / resume start), or
+      re-encodes the previous segment's handoff frames (`chain.reencode`) on this device;
+    * decode: the kept latents through the device's VAE, stitched (`ChainPlan.stitch`);
+    * edges between devices carry KV pages (stage edges: the frames a later stage reads), latents (chain and
+      decode edges: what the re-encode and the decode read) or the decoded video and latents (to the writer);
+    * a segment's pages on a device are given back after its last stage task there.
+    """
+
+    def __init__(self, pipe: Pipeline, run: _Run, schedule, states: dict[int, _DeviceState], workload):
+        from .scheduler import HOST
+
+        self.pipe, self.run_, self.schedule, self.states, self.workload = pipe, run, schedule, states, workload
+        self.dag = schedule.dag
+        self._last_stage: dict[tuple[int, int], int] = {}  # (segment, device) -> its last stage task there
+        for p in sorted(schedule.placements, key=lambda p: p.start):
+            if p.task.is_stage:
+                self._last_stage[p.task.segment, p.device] = p.task.index
+        # Local uses of each (segment, device) job: its stage tasks and decode there, the next segment's
+        # re-encode there, and the writer when it reads the decode device's results in this process.
+        self._uses: dict[tuple[int, int], int] = {}
+        for p in schedule.placements:
+            t, d = p.task, p.device
+            if d == HOST:  # the writer runs here (in-process, or rank 0) and reads the decode device's results
+                (dec,) = [e.src for e in self.dag.preds[t.index] if e.kind == "write"]
+                d = schedule.placement(dec).device
+                if _rank() != 0 or d not in states:
+                    continue
+            elif d not in states:
+                continue
+            segs = [t.segment - 1, t.segment] if t.stage == 0 and t.segment > 0 else [t.segment]
+            for seg in segs:
+                self._uses[seg, d] = self._uses.get((seg, d), 0) + 1
+        self._lock = threading.Lock()
+
+    def _used(self, segment: int, device: int) -> None:
+        """One local use of the job is over; drop the device's copy after the last one."""
+        with self._lock:
+            self._uses[segment, device] -= 1
+            if self._uses[segment, device] == 0:
+                self.states[device].jobs.pop(self.run_.first + segment, None)
+                self.states[device].videos.pop(self.run_.first + segment, None)
+
+    # ---- Work
+    def _segment(self, task) -> int:
+        return self.run_.first + task.segment
+
+    def _job(self, st: _DeviceState, seg: int) -> SegmentJob:
+        if seg not in st.jobs:
+            lat = torch.zeros(self.run_.latent_shape, dtype=torch.float32, device=st.device)
+            st.jobs[seg] = SegmentJob(index=seg, prompt=self.run_.prompts[seg], latents=lat)
+        return st.jobs[seg]
+
+    def _start(self, st: _DeviceState, task) -> SegmentJob:
+        """A segment's job at its first stage, with its given start latents."""
+        run, seg = self.run_, self._segment(task)
+        if task.segment == 0:
+            given = run.given
+        else:
+            given = reencode(st.vae, st.jobs[seg - 1].latents, run.plan)
+        job = self._job(st, seg)
+        if given is not None:
+            job.latents[: given.shape[0]] = given.to(job.latents)
+            job.given = frozenset(range(given.shape[0]))
+        return job
+
+    def run(self, launch) -> None:
+        """One launch: placements sharing a stream id are one batched call; several stream ids run on their own
+        CUDA streams at once (one host thread each), or one after the other on a CPU."""
+        st = self.states[launch[0].device]
+        streams: dict[int, list] = {}
+        for p in launch:
+            streams.setdefault(p.stream, []).append(p)
+        groups = list(streams.values())
+        if len(groups) == 1 or st.device.type != "cuda":
+            for g in groups:
+                self._run_group(st, g)
+            return
+        errors: list[BaseException] = []
+        main = torch.cuda.current_stream(st.device)
+
+        def on_stream(g):
+            try:
+                stream = torch.cuda.Stream(st.device)
+                stream.wait_stream(main)  # the pages and latents it reads were written on the main stream
+                with torch.cuda.stream(stream):
+                    self._run_group(st, g)
+                    torch.cuda.current_stream(st.device).synchronize()
+            except BaseException as e:  # noqa: BLE001 - re-raised below
+                errors.append(e)
+
+        threads = [threading.Thread(target=on_stream, args=(g,)) for g in groups]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+
+    def _run_group(self, st: _DeviceState, group) -> None:
+        task = group[0].task
+        if task.is_stage:
+            jobs = [self._start(st, p.task) if p.task.stage == 0 else self._job(st, self._segment(p.task))
+                    for p in group]  # fmt: skip
+            self.pipe.current_segment = jobs[0].index
+            st.engine.run_stage(jobs, task.stage, self.run_.callback)
+        elif task.kind == "decode":
+            for p in group:
+                seg = self._segment(p.task)
+                st.videos[seg] = self.pipe._decode(self.run_, seg, st.jobs[seg].latents, st.vae)
+
+    def finish(self, launch) -> None:
+        st = self.states[launch[0].device]
+        for p in launch:
+            t = p.task
+            if t.is_stage and self._last_stage[t.segment, p.device] == t.index:
+                st.engine.release(st.jobs[self._segment(t)])
+            for seg in [t.segment - 1, t.segment] if t.stage == 0 and t.segment > 0 else [t.segment]:
+                self._used(seg, p.device)
+
+    def payload(self, edge):
+        from .scheduler.execute import TensorSpec
+
+        run, st = self.run_, next(iter(self.states.values()))
+        n = len(edge.frames)
+        if edge.kind == "stage":
+            pool = st.engine.pools["cond"]
+            shape = (pool.k.shape[0], n, *pool.k.shape[2:])
+            return [TensorSpec(shape, pool.k.dtype)] * (2 * len(st.engine.pools))
+        if edge.kind in ("chain", "decode"):
+            return [TensorSpec((n, *run.latent_shape[1:]))]
+        if edge.kind == "write":
+            seg = self._segment(self.dag.tasks[edge.dst])
+            latents = TensorSpec(tuple(run.latent_shape))
+            if run.output_type == "latent":
+                return [latents]
+            h, w = (x * self.pipe.vae.spatial for x in run.latent_shape[2:])
+            return [TensorSpec((3, run.video_frames(seg), h, w)), latents]
+        return []
+
+    def export(self, edge, device):
+        st = self.states[device]
+        seg = self._segment(self.dag.tasks[edge.src])
+        job = st.jobs[seg]
+        if edge.kind == "stage":
+            return st.engine.export_pages(job, edge.frames)
+        if edge.kind in ("chain", "decode"):
+            return [job.latents[list(edge.frames)]]
+        if edge.kind == "write":
+            return ([] if self.run_.output_type == "latent" else [st.videos[seg]]) + [job.latents]
+        raise AssertionError(edge.kind)
+
+    def accept(self, edge, device, tensors) -> None:
+        st = self.states[device]
+        job = self._job(st, self._segment(self.dag.tasks[edge.src]))
+        if edge.kind == "stage":
+            st.engine.import_pages(job, edge.frames, tensors)
+        elif edge.kind in ("chain", "decode"):
+            job.latents[list(edge.frames)] = tensors[0].to(job.latents)
+        else:
+            raise AssertionError(edge.kind)
+
+    # ---- the writer's side
+    def host_result(self, p, executor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(stitched video, latents) of the segment of host placement `p`, then frees what devices kept of it."""
+        seg = self._segment(p.task)
+        (decode,) = [e.src for e in self.dag.preds[p.task.index] if e.kind == "write"]
+        dev = self.schedule.placement(decode).device
+        if dev in self.states:
+            st = self.states[dev]
+            video, latents = st.videos.get(seg, torch.zeros(0)), st.jobs[seg].latents
+            video, latents = video.to(self.pipe.device), latents.to(self.pipe.device)
+            self._used(p.task.segment, dev)
+        else:
+            got = executor.host_inputs(p)[decode]
+            video, latents = (torch.zeros(0), got[0]) if self.run_.output_type == "latent" else tuple(got)
+        return video.to(self.pipe.device), latents.to(self.pipe.device)
+
+    def progress(self, launch, bar) -> None:
+        stages = [p for p in launch if p.task.is_stage]
+        if stages:
+            with self._lock:
+                t = stages[0].task
+                segs = ",".join(str(self._segment(p.task)) for p in stages)
+                role = self.dag.layout.stages[t.stage].role
+                bar.set_description(f"segment{'s' if len(stages) > 1 else ''} {segs} stage {t.stage} ({role})")
+                bar.update(len(stages))
+
+    @property
+    def model_calls(self) -> int:
+        return sum(st.engine.model_calls for st in self.states.values())
+
+    def update_profile(self, measured) -> None:
+        """Fold the measured launch times into each device's cached profile (`CostModel.observe`)."""
+        from .scheduler import CostModel, ProfileCache
+
+        cache = ProfileCache()
+        by_device: dict[int, list] = {}
+        for group in measured.launches():
+            if group[0].device in self.states:
+                by_device.setdefault(group[0].device, []).append(group)
+        workload = self.workload
+        for d, groups in by_device.items():
+            st = self.states[d]
+            costs = CostModel(workload, profile=cache.load(st.name, workload.config, workload.dtype))
+            for g in groups:
+                costs.observe(g[0].task, max(p.end for p in g) - g[0].start, batch=len(g))
+            cache.save(costs.profile)
 
 
 class _Emitter:
@@ -658,3 +937,79 @@ def run_signature(*parts) -> str:
         else:
             h.update(repr(p).encode())
     return h.hexdigest()
+
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def _free_memory(device: torch.device) -> int | None:
+    """Free bytes on a CUDA device (what the pre-flight check plans with): NVML's reading through
+    `scheduler.Telemetry`, else CUDA's own; None (not limited) on a CPU."""
+    if device.type != "cuda":
+        return None
+    from .scheduler import Telemetry
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    tel = Telemetry()
+    try:
+        for stats in tel.read():
+            if stats.cuda_index == index and stats.memory_free is not None:
+                return int(stats.memory_free)
+    finally:
+        tel.close()
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free)
+
+
+def _comm_device() -> torch.device:
+    dist = torch.distributed
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _broadcast_int(value: int) -> int:
+    """Rank 0's `value` on every rank (torchrun); `value` itself in one process."""
+    if _world() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=_comm_device())
+    torch.distributed.broadcast(t, 0)
+    return int(t.item())
+
+
+def _all_gather_int(value: int) -> list[int]:
+    """Every rank's `value`, in rank order (torchrun)."""
+    t = torch.tensor([value], dtype=torch.int64, device=_comm_device())
+    out = [torch.empty_like(t) for _ in range(_world())]
+    torch.distributed.all_gather(out, t)
+    return [int(x.item()) for x in out]
+
+
+def _broadcast_tensor(t: torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """Rank 0's float32 tensor of `shape` on every rank (torchrun); `t` itself in one process."""
+    if _world() == 1:
+        return t
+    buf = (t.float().to(_comm_device()) if _rank() == 0 else torch.empty(shape, device=_comm_device())).contiguous()
+    torch.distributed.broadcast(buf, 0)
+    return buf
+
+
+def _broadcast_schedule(sched):
+    """Rank 0's schedule on every rank, so all ranks run the same plan (profiles may differ between ranks)."""
+    from dataclasses import replace as _replace
+
+    from .scheduler import Schedule
+
+    n = len(sched.placements)
+    buf = torch.zeros(n, 6, dtype=torch.float64, device=_comm_device())
+    if _rank() == 0:
+        rows = [[p.task.index, p.device, p.stream, p.batch, p.start, p.end] for p in sched.placements]
+        buf.copy_(torch.tensor(rows, dtype=torch.float64))
+    torch.distributed.broadcast(buf, 0)
+    template = {p.task.index: p for p in sched.placements}
+    placements = []
+    for row in buf.cpu().tolist():
+        p = template[int(row[0])]
+        placements.append(_replace(p, device=int(row[1]), stream=int(row[2]), batch=int(row[3]), start=row[4],
+                                   end=row[5]))  # fmt: skip
+    return Schedule(sched.dag, sched.devices, tuple(placements), sched.policy, sched.capacity)

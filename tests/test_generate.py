@@ -9,7 +9,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
-from mmpl_fast import generate
+from mmpl_fast import embedded, generate
 
 SMALL = ["--height", "32", "--width", "32", "--quiet"]
 
@@ -24,7 +24,16 @@ def test_cli_writes_mp4_with_right_frames_and_size(tmp_path, capsys):
     text = capsys.readouterr()
     assert "90 frames" in text.out and "frames/s" in text.out and "peak memory" in text.out
     assert "trimming to 90" in text.err  # 2 segments generated (157 frames), trimmed, and said so
-    assert "random 'tiny' preset" in text.err
+    if not embedded.available():  # a checkout without the trained weights says it runs the random preset
+        assert "random 'tiny' preset" in text.err
+
+
+def test_cli_timeline_devices_and_policy(tmp_path, capsys):
+    out, png = tmp_path / "v.mp4", tmp_path / "run.png"
+    rc = generate.main(["--prompt", "a red circle", "--num-frames", "157", "--out", str(out), "--timeline", str(png),
+                        "--devices", "cpu,cpu", "--policy", "round-robin", *SMALL])  # fmt: skip
+    assert rc == 0 and iio.imread(out).shape[0] == 157
+    assert png.stat().st_size > 1000 and "timeline" in capsys.readouterr().out
 
 
 def test_cli_prompts_file_and_image_start(tmp_path):
@@ -42,7 +51,8 @@ def test_cli_help_documents_every_flag():
     text = subprocess.run([sys.executable, "-m", "mmpl_fast.generate", "--help"], capture_output=True, text=True).stdout
     for flag in ["--prompt", "--prompts-file", "--seconds", "--num-frames", "--mode", "--layout", "--steps",
                  "--guidance", "--seed", "--height", "--width", "--image", "--video", "--model", "--out",
-                 "--workdir", "--device", "--chain", "--negative-prompt"]:  # fmt: skip
+                 "--workdir", "--device", "--chain", "--negative-prompt", "--devices", "--policy", "--timeline",
+                 "--batch-segments", "--components", "--quiet", "--kind", "--sampler", "--shift"]:  # fmt: skip
         assert flag in text
 
 
@@ -64,13 +74,18 @@ BAD_FLAGS = [
     (["--out", "{tmp}/v.gif"], "only .mp4"),
     (["--device", "cuda:7"], "CUDA is not available"),
     (["--batch-segments", "0"], "--batch-segments must be > 0"),
+    (["--devices", "cuda:5,cuda:6"], "CUDA is not available"),
+    (["--devices", ","], "comma-separated list"),
+    (["--timeline", "{tmp}/t.jpg"], "only .png"),
+    (["--policy", "fifo"], "invalid choice"),
+    (["--chain", "sideways"], "invalid choice"),
 ]
 
 
 @pytest.mark.parametrize("flags,message", BAD_FLAGS)
 def test_cli_bad_flags_fail_cleanly_and_write_nothing(tmp_path, capsys, flags, message):
-    if "--device" in flags and __import__("torch").cuda.is_available():
-        pytest.skip("CUDA present: cuda:7 may exist")
+    if ("--device" in flags or "--devices" in flags) and __import__("torch").cuda.is_available():
+        pytest.skip("CUDA present: these devices may exist")
     flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
     out = [] if "--out" in flags else ["--out", str(tmp_path / "v.mp4")]
     length = [] if {"--seconds", "--num-frames"} & set(flags) else ["--num-frames", "9"]
@@ -82,8 +97,25 @@ def test_cli_bad_flags_fail_cleanly_and_write_nothing(tmp_path, capsys, flags, m
 
 
 def test_cli_mode_choice_and_missing_prompt(tmp_path, capsys):
-    for flags in (["--prompt", "x", "--mode", "spiral"], [], ["--prompts-file", str(tmp_path / "none.txt")]):
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "two.txt").write_text("a red circle\na blue square\n")
+    (tmp_path / "sched.txt").write_text("0\ta red circle\nsoon\ta blue square\n")
+    cases = [
+        (["--prompt", "x", "--mode", "spiral"], "invalid choice"),
+        ([], "one of the arguments --prompt --prompts-file is required"),
+        (["--prompts-file", str(tmp_path / "none.txt")], "--prompts-file not found"),
+        (["--prompts-file", str(tmp_path / "empty.txt")], "holds no prompts"),
+        (["--prompts-file", str(tmp_path / "two.txt"), "--num-frames", "81"], "needs 1 segments"),
+        (["--prompts-file", str(tmp_path / "sched.txt")], "is not a number of seconds"),
+        (["--prompt", "   "], "--prompt is empty"),
+        (["--prompt", "x", "--shift", "0"], "--shift must be > 0"),
+        (["--prompt", "x", "--kind", "sdxl"], "invalid choice"),
+    ]
+    for flags, message in cases:
         with pytest.raises(SystemExit) as e:
-            generate.main([*flags, "--out", str(tmp_path / "v.mp4"), *SMALL])
+            generate.main([*flags, "--out", str(out / "v.mp4"), *SMALL])
         assert e.value.code == 2
-    assert list(tmp_path.iterdir()) == []
+        assert message in capsys.readouterr().err, flags
+        assert list(out.iterdir()) == []

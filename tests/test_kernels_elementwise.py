@@ -1,4 +1,5 @@
-"""The elementwise kernels (rope_write, norm_modulate, gated_residual, denoise updates) and the dispatcher.
+"""The elementwise kernels (rope_write, norm_modulate, gated_residual, denoise updates) and the dispatcher (all
+ops, stage attention included).
 
 Each Triton kernel runs under ``use_backend("triton")`` (the CPU interpreter here, set by conftest) and is
 held to the accuracy rule of `accuracy.py` against a float64 reference written out in this file, not
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from accuracy import assert_close_to_reference
 
 from mmpl_fast.kernels import (
+    PageTable,
     RopeTable,
     _dispatch,
     cfg_combine,
@@ -23,6 +25,7 @@ from mmpl_fast.kernels import (
     gated_residual,
     norm_modulate,
     rope_write,
+    stage_attention,
     use_backend,
 )
 from mmpl_fast.kernels._dispatch import interpreting
@@ -34,6 +37,7 @@ from mmpl_fast.kernels.rope_write import rope_write_torch
 rope_mod = importlib.import_module("mmpl_fast.kernels.rope_write")
 norm_mod = importlib.import_module("mmpl_fast.kernels.norm_modulate")
 denoise_mod = importlib.import_module("mmpl_fast.kernels.denoise")
+attention_mod = importlib.import_module("mmpl_fast.kernels.stage_attention")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BF16 = pytest.param(
@@ -313,6 +317,7 @@ def _calls() -> dict:
         "denoise_update": lambda: denoise_update(x, x, 0.5),
         "euler_step": lambda: euler_step(x, x, 0.5, 0.25),
         "cfg_combine": lambda: cfg_combine(x, x, 2.0),
+        "stage_attention": lambda: stage_attention(q[0, 0], pool, pool.clone(), PageTable.build([[0, 1]], 2, DEVICE)),
     }
 
 
@@ -323,6 +328,7 @@ TRITON_FNS = {
     "denoise_update": (denoise_mod, "denoise_update_triton"),
     "euler_step": (denoise_mod, "euler_step_triton"),
     "cfg_combine": (denoise_mod, "cfg_combine_triton"),
+    "stage_attention": (attention_mod, "stage_attention_triton"),
 }
 
 

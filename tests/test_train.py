@@ -69,7 +69,7 @@ def inference_visibility(layout, given: bool) -> torch.Tensor:
     for k in range(layout.num_stages):
         model.calls.clear()
         engine.run_stage([job], k)
-        frame_of = {p: f for f, p in enumerate(job.pages)}
+        frame_of = {p: f for f, p in enumerate(engine.pages(job))}
         for t, view in model.calls:
             own = [frame_of[int(p)] for p in view.write_pages[0]]
             assert list(view.frame_pos) == own  # RoPE at true frame positions

@@ -14,7 +14,8 @@ Typical use::
 Modules: `dag` (tasks and edges), `costs` (profile cache and FLOP/byte estimate), `profiling` (measure a
 profile), `telemetry` (NVML), `placement` (devices, placements, schedules, lower bounds), `listsched` (list
 scheduling and dispatch), `policy` (round-robin, cp-first, adaptive), `memory` (pre-flight check),
-`simulate` (simulator and CLI: ``python -m mmpl_fast.scheduler``), `timeline` (Gantt PNG).
+`simulate` (simulator and CLI: ``python -m mmpl_fast.schedule``), `timeline` (Gantt PNG), `execute` (run a
+schedule for real: one thread per local device, edges' data moved between devices or torch.distributed ranks).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .placement import HOST, Bounds, Device, Placement, Schedule, Unit, lower_bo
 from .policy import POLICIES, adaptive, cp_first, round_robin, schedule
 from .simulate import SimulationResult, simulate
 from .telemetry import DeviceStats, Telemetry
+from .timeline import plot_timeline
 
 
 def plan(
@@ -64,6 +66,6 @@ __all__ = [
     "CHAIN_MODES", "HOST", "POLICIES", "Bounds", "CostModel", "Device", "DeviceStats", "Edge", "Hardware",
     "InsufficientMemoryError", "MemoryPlan", "Placement", "Profile", "ProfileCache", "Schedule",
     "SimulationResult", "Task", "TaskDAG", "Telemetry", "Unit", "Workload", "adaptive", "build_dag", "cache_dir",
-    "cp_first", "lower_bound", "plan", "preflight", "round_robin", "schedule", "simulate", "simulated_devices",
-    "task_signature",
+    "cp_first", "lower_bound", "plan", "plot_timeline", "preflight", "round_robin", "schedule", "simulate",
+    "simulated_devices", "task_signature",
 ]  # fmt: skip

@@ -196,6 +196,14 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def config_key(config: ModelConfig) -> str:
+    """What a profile is keyed by for the model: its geometry, not its name (a loaded folder's config is named
+    after the folder, and two names may share one geometry)."""
+    c = config
+    return (f"dim{c.dim}-heads{c.num_heads}-layers{c.num_layers}-ffn{c.ffn_dim}-freq{c.freq_dim}-text{c.text_dim}x"
+            f"{c.text_len}-in{c.in_channels}-out{c.out_channels}-patch{'x'.join(map(str, c.patch_size))}")  # fmt: skip
+
+
 def cache_dir() -> Path:
     """Root of mmpl_fast's on-disk cache: ``$MMPL_FAST_CACHE_DIR`` or ``~/.cache/mmpl_fast``."""
     env = os.environ.get("MMPL_FAST_CACHE_DIR")
@@ -226,7 +234,7 @@ class Profile:
             raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}")
         key = {
             "device": device_name,
-            "config": resolve_config(config).name,
+            "config": config_key(resolve_config(config)),
             "dtype": dtype,
             "versions": dict(versions if versions is not None else library_versions()),
         }

@@ -1,8 +1,8 @@
 """Simulator: schedule a video's DAG on simulated devices and report makespan, speedup, bound and efficiency.
 
-Command line (``python -m mmpl_fast.scheduler``)::
+Command line (``python -m mmpl_fast.schedule``, also ``python -m mmpl_fast.scheduler``)::
 
-    python -m mmpl_fast.scheduler --segments 12 --devices 4 [--speeds 1,1,1,0.5] [--config wan2.1-t2v-1.3b]
+    python -m mmpl_fast.schedule --segments 12 --devices 4 [--speeds 1,1,1,0.5] [--config wan2.1-t2v-1.3b]
         [--policy adaptive|round-robin|cp-first] [--chain terminal|middle] [--json] [--timeline out.png]
 
 prints the makespan, the speedup over one device (the same policy on one device of the fastest speed), the
@@ -189,7 +189,7 @@ def _parse_speeds(text: str) -> list[float]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m mmpl_fast.scheduler",
+        prog="python -m mmpl_fast.schedule",
         description="Simulate scheduling a long MMPL video on several devices.",
     )
     p.add_argument("--segments", type=int, default=12, help="segments of the video (default 12)")
