@@ -44,14 +44,22 @@ class TextEncoder:
 
 
 class VideoVAE:
-    """diffusers `AutoencoderKLWan` with the model's latent normalisation and frame-major layout."""
+    """A Wan-style video VAE with the model's latent normalisation and frame-major layout.
+
+    Takes diffusers `AutoencoderKLWan`, or the embedded model's `world_vae.WorldVAE` (same interface and
+    compression): anything with ``encode(x).latent_dist.mode()``, ``decode(z).sample`` and a config holding
+    ``z_dim``, ``latents_mean``, ``latents_std`` and its compression.
+    """
 
     def __init__(self, vae: torch.nn.Module):
         self.vae = vae.eval()
         cfg = vae.config
         self.z_dim = cfg.z_dim
-        self.temporal = 2 ** sum(bool(x) for x in cfg.temperal_downsample)
-        self.spatial = 2 ** (len(cfg.dim_mult) - 1)
+        if "temperal_downsample" in cfg:  # AutoencoderKLWan: its layers decide (scale_factor_* are defaults)
+            self.temporal = 2 ** sum(bool(x) for x in cfg.temperal_downsample)
+            self.spatial = 2 ** (len(cfg.dim_mult) - 1)
+        else:
+            self.temporal, self.spatial = cfg.scale_factor_temporal, cfg.scale_factor_spatial
         self._mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, 1, -1, 1, 1)
         self._std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, 1, -1, 1, 1)
 

@@ -96,6 +96,10 @@ PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(
         name="tiny", dim=128, num_heads=4, num_layers=2, ffn_dim=256, freq_dim=64, text_dim=64, text_len=16
     ),
+    # The embedded default model (`mmpl_fast/assets/embedded`), trained on the procedural world on a laptop CPU.
+    "embedded": ModelConfig(
+        name="embedded", dim=128, num_heads=4, num_layers=4, ffn_dim=384, freq_dim=64, text_dim=64, text_len=32
+    ),
     "wan2.1-t2v-1.3b": ModelConfig(name="wan2.1-t2v-1.3b", dim=1536, num_heads=12, num_layers=30, ffn_dim=8960),
     "wan2.1-t2v-14b": ModelConfig(name="wan2.1-t2v-14b", dim=5120, num_heads=40, num_layers=40, ffn_dim=13824),
 }

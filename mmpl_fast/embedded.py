@@ -1,8 +1,10 @@
-"""The default model of `python -m mmpl_fast.generate`: weights shipped inside the package.
+"""The default model of `python -m mmpl_fast.generate`: a pipeline folder shipped inside the package.
 
-Until trained weights ship (``mmpl_fast/assets/embedded.safetensors``), this falls back to the random
-``tiny`` preset, with a warning that says so: the video then shows noise, but every stage of the real
-code path runs.
+``mmpl_fast/assets/embedded/`` holds the embedded model trained on the procedural world (`mmpl_fast.world`) by
+`python -m mmpl_fast.train` (the command is in the README): the ``embedded`` DiT preset, a `WorldVAE` and a
+word-level umT5 text encoder, all safetensors, loaded through `Pipeline.from_pretrained` like real weights.
+If the folder is missing (a source checkout before training), the random ``tiny`` preset stands in, with a
+warning that says so.
 """
 
 from __future__ import annotations
@@ -14,15 +16,20 @@ import torch
 
 from .pipeline import Pipeline
 
-ASSET = Path(__file__).parent / "assets" / "embedded.safetensors"
+ASSET = Path(__file__).parent / "assets" / "embedded"
+
+
+def available() -> bool:
+    return (ASSET / "model_index.json").is_file()
 
 
 def load_pipeline(device: torch.device | str = "cpu") -> Pipeline:
-    if ASSET.exists():  # pragma: no cover - trained weights do not ship yet
-        raise NotImplementedError(f"{ASSET}: loading trained embedded weights is not implemented yet")
+    """The embedded pipeline on `device` (the random tiny one, with a warning, when no weights ship)."""
+    if available():
+        return Pipeline.from_pretrained(ASSET, device=device)
     print(
-        "warning: no trained embedded model ships yet; using the random 'tiny' preset (the video will be noise). "
-        "Pass --model for real weights.",
+        f"warning: no embedded model in {ASSET}; using the random 'tiny' preset (the video will be noise). "
+        "Train it with the command in the README, or pass --model for real weights.",
         file=sys.stderr,
     )
     return Pipeline.tiny(seed=0, device=device)

@@ -60,6 +60,9 @@ SELF_FORCING_STEPS = (1000, 750, 500, 250)
 
 _FEW_STEP = {"sampler": "few-step", "steps": 4, "shift": 5.0, "guidance": 1.0}
 _MULTISTEP = {"sampler": "unipc", "steps": 50, "shift": 5.0, "guidance": 5.0}
+# The embedded model (trained on the procedural world by flow matching, not distilled): a multistep solver,
+# with the shift it was trained with (3: its 8x8 latents need less than Wan's 5) and moderate guidance.
+_WORLD = {"sampler": "unipc", "steps": 20, "shift": 3.0, "guidance": 3.0}
 #: Sampling defaults per checkpoint kind: few-step distilled weights (and the tiny / random test models) use
 #: Self-Forcing's 4 steps without guidance; the MMPL released weights (and plain Wan) 50 UniPC steps, shift 5,
 #: guidance 5.
@@ -70,6 +73,7 @@ DEFAULTS: dict[str, dict] = {
     "random": _FEW_STEP,
     "mmpl": _MULTISTEP,
     "wan": _MULTISTEP,
+    "world": _WORLD,
 }
 
 Noise = torch.Tensor | Callable[[], torch.Tensor] | None
@@ -532,7 +536,8 @@ def default_sampling(kind: str) -> dict:
     """Sampling defaults for a checkpoint kind: ``{"sampler", "steps", "shift", "guidance"}`` (a fresh dict).
 
     ``self_forcing`` / ``causvid`` / ``tiny`` / ``random``: few-step, 4 steps, shift 5, guidance 1 (none);
-    ``mmpl`` / ``wan``: UniPC, 50 steps, shift 5, guidance 5.
+    ``mmpl`` / ``wan``: UniPC, 50 steps, shift 5, guidance 5; ``world`` (the embedded model): UniPC, 20 steps,
+    shift 3, guidance 3.
     """
     if not isinstance(kind, str):
         raise TypeError(f"kind: expected a checkpoint kind ({', '.join(DEFAULTS)}), got {type(kind).__name__}")

@@ -1,5 +1,10 @@
 """`python -m mmpl_fast.train`: teacher-forcing training of a causal DiT on the procedural world.
 
+From scratch (`--vae-steps N`), a `WorldVAE` is trained first on 32x32 crops of 9-frame world clips (weighted
+MSE that favours the shapes over the background; `world_vae.reconstruction_loss`), its latent statistics are
+measured and stored in its config, and it is then frozen for the DiT. Without `--vae-steps` the random tiny
+Wan VAE of `tiny.py` stands in (tests); with `--init` every component comes from a pipeline folder.
+
 One training step, as data (B clips, N = layout.num_frames latent frames, S = layout.num_stages)::
 
     world clips (scene seed, seed-keyed start time) --VAE (frozen, any VideoVAE)--> x0 [B, N, C, h, w]
@@ -27,6 +32,7 @@ generator keyed by (seed, s), so a resumed run continues exactly as an uninterru
 
 Output folder::
 
+    vae/          the trained WorldVAE (with --vae-steps), reused by --resume; vae_log.csv its loss and PSNR
     checkpoint/   transformer.safetensors, text_encoder.safetensors, optimizer.pt, state.json (atomic)
     latents.safetensors   the encoded clips (reused by --resume when the VAE and sizes match)
     log.csv       step, layout, loss, lr, seconds
@@ -100,6 +106,9 @@ class TrainConfig:
         init: a pipeline folder (Pipeline.save_pretrained / a diffusers Wan folder) whose components start the
             run; default: random tiny components from `seed`.
         train_text: also train the text encoder.
+        vae_steps: without `init`, first train a `WorldVAE` for this many steps (0: keep the random tiny Wan VAE,
+            which only tests use); `vae_batch` clips of 9 frames per step, peak learning rate `vae_lr`,
+            `vae_channels` channels at full resolution.
     """
 
     out: str | os.PathLike = "runs/train"
@@ -123,6 +132,10 @@ class TrainConfig:
     text_len: int = TEXT_LEN
     init: str | None = None
     train_text: bool = True
+    vae_steps: int = 0
+    vae_batch: int = 8
+    vae_lr: float = 1e-3
+    vae_channels: int = 16
     _layouts: tuple[Layout, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -133,10 +146,12 @@ class TrainConfig:
 
         for name in ("steps", "batch_size", "height", "width", "num_clips", "text_len"):
             positive_int(name)
-        for name in ("warmup", "seed", "save_every"):
+        for name in ("vae_batch", "vae_channels"):
+            positive_int(name)
+        for name in ("warmup", "seed", "save_every", "vae_steps"):
             positive_int(name, 0)
         for name, low, high in (("lr", 0, math.inf), ("grad_clip", 0, math.inf), ("shift", 0, math.inf),
-                                ("fps", 0, math.inf)):  # fmt: skip
+                                ("fps", 0, math.inf), ("vae_lr", 0, math.inf)):  # fmt: skip
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not low < v < high:
                 raise ValueError(f"{name} must be a number > {low}, got {v!r}")
@@ -164,6 +179,8 @@ class TrainConfig:
         resolve_config(self.config)  # ValueError for an unknown preset
         if self.init is not None and not Path(self.init, "model_index.json").is_file():
             raise ValueError(f"init {self.init}: not a pipeline folder (no model_index.json)")
+        if self.init is not None and self.vae_steps:
+            raise ValueError("vae_steps: the VAE comes from init; train one only for a run from scratch")
 
     @property
     def layout_objects(self) -> tuple[Layout, ...]:
@@ -252,6 +269,94 @@ class ClipBank:
             for key in f.keys():
                 self._latents[int(key.split("_")[1])] = f.get_tensor(key)
         return len(self._latents)
+
+
+# ------------------------------------------------------------------------------------------------ the VAE
+VAE_CLIP_FRAMES = 9  # 1 + 2 * 4: the lone first frame and two groups of four, as the causal VAE sees them
+VAE_CROP = 32  # the VAE trains on crops (it is convolutional): 4x the steps per second of 64x64 frames, and the
+#                crops are mostly shape, not background
+VAE_STAT_CLIPS = 64  # clips whose latents give the per-channel mean / std the pipeline normalises with
+
+
+def _cosine_lr(peak: float, step: int, total: int, warmup: int) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to 10 % of `peak` at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def _vae_batch(cfg: TrainConfig, step: int) -> torch.Tensor:
+    """``[vae_batch, 3, 9, c, c]`` crops of world clips for step `step`: training scenes, random start times,
+    one random crop of ``c = min(VAE_CROP, H, W)`` pixels (on the 8-pixel latent grid) per step."""
+    gen = np.random.default_rng([cfg.seed, 0x7AE, step])
+    clips = []
+    for _ in range(cfg.vae_batch):
+        scene = world.sample_scene(int(gen.integers(cfg.num_clips)))
+        start = int(gen.integers(int(60 * cfg.fps)))
+        clips.append(video_to_tensor(world.render(scene, VAE_CLIP_FRAMES, cfg.height, cfg.width, start=start,
+                                                  fps=cfg.fps)))  # fmt: skip
+    x = torch.stack(clips)
+    ch, cw = min(VAE_CROP, cfg.height), min(VAE_CROP, cfg.width)
+    y0 = int(gen.integers(0, (cfg.height - ch) // 8 + 1)) * 8
+    x0 = int(gen.integers(0, (cfg.width - cw) // 8 + 1)) * 8
+    return x[..., y0 : y0 + ch, x0 : x0 + cw].contiguous()
+
+
+def train_vae(cfg: TrainConfig, *, progress: bool = True):
+    """Train a `WorldVAE` on world clips (or load the finished one from ``out/vae``); returns it (eval mode).
+
+    After training, the per-channel mean and std of its latents over `VAE_STAT_CLIPS` full-length clips go
+    into its config, so the pipeline's normalised latents have unit scale. A VAE run interrupted before the
+    end starts again (it takes minutes); ``out/vae_log.csv`` has its loss and PSNR per step.
+    """
+    from .world_vae import WorldVAE, reconstruction_loss
+
+    folder = Path(cfg.out) / "vae"
+    done = folder / "state.json"
+    if done.is_file() and json.loads(done.read_text()).get("steps") == cfg.vae_steps:
+        return WorldVAE.from_pretrained(folder).eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        vae = WorldVAE(base_channels=cfg.vae_channels).train()
+        opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        bar = tqdm(total=cfg.vae_steps, desc="vae", unit="step", disable=not progress)
+        with open(Path(cfg.out) / "vae_log.csv", "w", newline="") as fh:
+            log = csv.writer(fh)
+            log.writerow(["step", "mse", "psnr", "lr"])
+            recent: list[float] = []
+            for step in range(cfg.vae_steps):
+                lr = _cosine_lr(cfg.vae_lr, step, cfg.vae_steps, min(100, cfg.vae_steps // 10 + 1))
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                loss, mse = reconstruction_loss(vae, _vae_batch(cfg, step))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
+                opt.step()
+                psnr = 10 * math.log10(4.0 / max(float(mse.detach()), 1e-12))  # peak-to-peak 2 in [-1, 1]
+                log.writerow([step + 1, f"{float(mse):.6f}", f"{psnr:.2f}", f"{lr:.3e}"])
+                recent = (recent + [psnr])[-50:]
+                bar.set_postfix(psnr=f"{sum(recent) / len(recent):.1f}dB")
+                bar.update(1)
+        bar.close()
+    vae.eval()
+    with torch.no_grad():  # latent statistics over full-length clips of the training scenes
+        z = torch.cat([
+            vae.encode(video_to_tensor(world.clip(i, 1 + 20 * 4, cfg.height, cfg.width, fps=cfg.fps)[0])[None])
+            .latent_dist.mode()
+            for i in range(min(VAE_STAT_CLIPS, cfg.num_clips))
+        ])  # fmt: skip
+    dims = (0, 2, 3, 4)
+    vae.register_to_config(latents_mean=z.mean(dims).tolist(), latents_std=z.std(dims).clamp_min(1e-4).tolist())
+    tmp = folder.with_name("vae.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    vae.save_pretrained(tmp)
+    (tmp / "state.json").write_text(json.dumps({"steps": cfg.vae_steps}))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return vae
 
 
 # ---------------------------------------------------------------------------------------------- the loss
@@ -346,18 +451,18 @@ def build_components(cfg: TrainConfig) -> dict:
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
     """Learning rate of step `step` (0-based): linear warm-up, then cosine decay to 10 %."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-    return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+    return _cosine_lr(cfg.lr, step, cfg.steps, cfg.warmup)
 
 
 class Trainer:
     """Holds the run: components, optimiser, clip bank, step counter; `step`, `save`, `load`, `export`."""
 
-    def __init__(self, cfg: TrainConfig, components: dict | None = None):
+    def __init__(self, cfg: TrainConfig, components: dict | None = None, *, progress: bool = False):
         self.cfg = cfg
         c = components if components is not None else build_components(cfg)
+        if cfg.vae_steps and components is None:
+            c = {**c, "vae": train_vae(cfg, progress=progress)}
+        self.kind = "tiny" if cfg.init is None and not cfg.vae_steps else "world"
         self.model: CausalWanModel = c["transformer"].float().train()
         self.tokenizer = c["tokenizer"]
         self.text_encoder = c["text_encoder"].float().train(cfg.train_text)
@@ -456,8 +561,9 @@ class Trainer:
 
         self.model.eval()
         self.text_encoder.eval()
-        pipe = Pipeline(self.model, self.vae.vae, self.text_encoder, self.tokenizer, kind="tiny",
-                        default_size=(self.cfg.height, self.cfg.width))  # fmt: skip
+        sampling = {"shift": self.cfg.shift} if self.kind == "world" else None  # sample with the trained shift
+        pipe = Pipeline(self.model, self.vae.vae, self.text_encoder, self.tokenizer, kind=self.kind,
+                        default_size=(self.cfg.height, self.cfg.width), sampling=sampling)  # fmt: skip
         root = pipe.save_pretrained(path if path is not None else self.out / "pipeline")
         self.model.train()
         self.text_encoder.train(self.cfg.train_text)
@@ -479,10 +585,13 @@ def train(
     resume: bool = False,
     components: dict | None = None,
     progress: bool = True,
-    export: bool = True,
+    export: bool | str | os.PathLike = True,
 ) -> TrainResult:
-    """Run (or continue) training to ``cfg.steps``; returns the losses of the steps run here."""
-    trainer = Trainer(cfg, components)
+    """Run (or continue) training to ``cfg.steps``; returns the losses of the steps run here.
+
+    `export`: write the final pipeline folder to ``out/pipeline`` (True), to a given folder, or not (False).
+    """
+    trainer = Trainer(cfg, components, progress=progress)
     out = Path(cfg.out)
     if resume:
         trainer.load()
@@ -514,7 +623,7 @@ def train(
                 ckpt = trainer.save()
     bar.close()
     ckpt = trainer.save()
-    pipe = trainer.export() if export else None
+    pipe = trainer.export(None if export is True else export) if export else None
     return TrainResult(losses, trainer.step_index, time.perf_counter() - start, ckpt, pipe)
 
 
@@ -552,6 +661,18 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--text-len", type=int, default=d["text_len"].default,
                    help="text tokens per prompt without --init (default %(default)s)")  # fmt: skip
     m.add_argument("--freeze-text", action="store_true", help="do not train the text encoder")
+    m.add_argument("--export", default=None, help="write the final pipeline folder here (default OUT/pipeline)")
+
+    v = p.add_argument_group("the VAE (runs from scratch only)")
+    v.add_argument("--vae-steps", type=int, default=d["vae_steps"].default,
+                   help="first train a WorldVAE for this many steps; 0 keeps the random tiny Wan VAE, for tests "
+                   "(default %(default)s)")  # fmt: skip
+    v.add_argument("--vae-batch", type=int, default=d["vae_batch"].default, help="clips per VAE step "
+                   "(default %(default)s)")  # fmt: skip
+    v.add_argument("--vae-lr", type=float, default=d["vae_lr"].default, help="peak VAE learning rate "
+                   "(default %(default)s)")  # fmt: skip
+    v.add_argument("--vae-channels", type=int, default=d["vae_channels"].default,
+                   help="VAE channels at full resolution (default %(default)s)")  # fmt: skip
 
     o = p.add_argument_group("optimisation")
     o.add_argument(
@@ -585,7 +706,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         weight_decay=args.weight_decay, warmup=args.warmup, grad_clip=args.grad_clip, timesteps=args.timesteps,
         shift=args.shift, prompt_dropout=args.prompt_dropout, height=args.height, width=args.width,
         num_clips=args.num_clips, seed=args.seed, save_every=args.save_every, config=args.config,
-        text_len=args.text_len, init=args.init, train_text=not args.freeze_text,
+        text_len=args.text_len, init=args.init, train_text=not args.freeze_text, vae_steps=args.vae_steps,
+        vae_batch=args.vae_batch, vae_lr=args.vae_lr, vae_channels=args.vae_channels,
     )  # fmt: skip
 
 
@@ -598,7 +720,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--threads must be > 0, got {args.threads}")
             torch.set_num_threads(args.threads)
         cfg = config_from_args(args)
-        result = train(cfg, resume=args.resume, progress=not args.quiet)
+        result = train(cfg, resume=args.resume, progress=not args.quiet, export=args.export or True)
     except (ValueError, TypeError, FileNotFoundError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     tail = result.losses[-20:]
