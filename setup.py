@@ -22,6 +22,7 @@ setup(
         "tqdm",
         "nvidia-ml-py",
         "matplotlib",
+        "scipy",
     ],
     extras_require={
         "gpu": ["flash-attn", "xformers"],

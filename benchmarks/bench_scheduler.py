@@ -16,7 +16,7 @@ CASES = [(12, [1, 1, 1, 1]), (12, [1, 1, 1, 0.5]), (12, [1, 1]), (24, [1] * 8), 
 
 
 @pytest.mark.parametrize("segments,speeds", CASES, ids=[f"{s}seg-{len(v)}dev-{min(v):g}" for s, v in CASES])
-def test_scheduler_overhead_per_task(segments, speeds):
+def test_scheduler_overhead_per_task(benchmark, segments, speeds):
     dag = build_dag("mmpl", segments)
     costs = CostModel()
     devices = simulated_devices(len(speeds), speeds)
@@ -35,3 +35,5 @@ def test_scheduler_overhead_per_task(segments, speeds):
             us_per_task=1e6 * seconds / len(dag.tasks), makespan_s=makespan, efficiency=bound / makespan,
         )  # fmt: skip
         assert seconds / len(dag.tasks) < 0.05  # well below a task's own runtime (~0.1-1.4 s on an H100)
+    # pytest-benchmark's own timing (with --benchmark-only, a test without it would be skipped): adaptive
+    benchmark.pedantic(lambda: schedule(dag, costs, devices, "adaptive"), rounds=3, iterations=1, warmup_rounds=0)

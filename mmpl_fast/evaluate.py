@@ -21,7 +21,8 @@ model, not the detector (`--ground-truth` reruns that check; tests check a small
 without any detected shape gives colour / size drift 0: read drift together with adherence.
 
 Outputs in ``--out``: ``rows.csv`` (every video and window), ``summary.csv`` (mean per mode and window),
-``summary.json`` (overall adherence per mode, drift at the end and MMPL/AR ratios) and ``metrics.png``
+``summary.json`` (overall adherence per mode, drift in the last window (``end``) and averaged over the last
+10 s (``end_10s``), and the MMPL/AR ratios of both) and ``metrics.png``
 (each metric against time, one line per mode).
 """
 
@@ -43,6 +44,7 @@ from . import world
 COLOR_TOLERANCE = 40.0  # RGB distance within which a pixel counts as a palette colour (see `detect`)
 MIN_AREA = 0.004  # smallest object, as a fraction of min(H, W)^2 (a small triangle is ~0.013)
 REFERENCE_FRAMES = 81  # the first segment (21 latent frames of a 4x temporal VAE)
+END_SECONDS = 10  # "end_10s": drift averaged over the windows of the last 10 s (one window alone is noisy)
 SHAPE_PROTOTYPES = {"circle": (math.pi / 4, 0.5), "square": (1.0, 0.5), "diamond": (0.5, 0.5), "triangle": (0.5, 0.25)}
 METRICS = ("adherence", "background_drift", "color_drift", "size_drift", "count_drift")
 _PALETTE = np.array([world.PALETTE[c] for c in world.PALETTE], dtype=np.float32)
@@ -298,18 +300,21 @@ def write_outputs(rows: list[dict], out: Path) -> dict:
         for (mode, t), v in table.items():
             w.writerow([mode, t, *(f"{v[m]:.4f}" for m in METRICS)])
     summary: dict = {}
+    drifts = [m for m in METRICS if m != "adherence"]
     for mode in modes:
         times = sorted(t for m, t in table if m == mode)
         end = table[(mode, times[-1])]
+        tail = [t for t in times if t >= times[-1] - END_SECONDS]
         summary[mode] = {
             "adherence": float(np.mean([table[(mode, t)]["adherence"] for t in times])),
-            "end": {m: end[m] for m in METRICS if m != "adherence"},
+            "end": {m: end[m] for m in drifts},
+            "end_10s": {m: float(np.mean([table[(mode, t)][m] for t in tail])) for m in drifts},
         }
     if {"mmpl", "ar"} <= set(summary):
-        summary["mmpl_over_ar_end_drift"] = {
-            m: summary["mmpl"]["end"][m] / summary["ar"]["end"][m] if summary["ar"]["end"][m] else None
-            for m in summary["mmpl"]["end"]
-        }
+        for key in ("end", "end_10s"):
+            summary[f"mmpl_over_ar_{key}_drift"] = {
+                m: summary["mmpl"][key][m] / summary["ar"][key][m] if summary["ar"][key][m] else None for m in drifts
+            }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     _plot(table, modes, out / "metrics.png")
     return summary

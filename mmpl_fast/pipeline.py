@@ -212,7 +212,8 @@ class Pipeline:
         extra = json.loads((root / "model_index.json").read_text()).get("mmpl_fast", {})
         if kind is None:
             kind = "self_forcing" if fmt == "self_forcing" else extra.get("kind", "wan")
-        vae = _vae_class(root / "vae").from_pretrained(root / "vae", local_files_only=True).to(device)
+        vae = _vae_class(root / "vae").from_pretrained(root / "vae", local_files_only=True, low_cpu_mem_usage=False)
+        vae = vae.to(device)
         text_dtype = dtype if dtype is not None else torch.float32
         encoder = UMT5EncoderModel.from_pretrained(root / "text_encoder", local_files_only=True, dtype=text_dtype)
         tokenizer = AutoTokenizer.from_pretrained(root / "tokenizer", local_files_only=True)
@@ -326,13 +327,19 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------------ call
     def __call__(self, prompt=None, *, return_dict: bool = True, **kwargs):
-        """Generate one video. Keyword arguments as in `stream`; returns `PipelineOutput` (or a tuple)."""
+        """Generate one video. Keyword arguments as in `stream`; returns `PipelineOutput` (or a tuple).
+
+        Under torchrun every rank must make the same call; rank 0's output holds the frames, the other ranks'
+        ``frames`` is None.
+        """
         output_type = kwargs.get("output_type", "np")
         chunks, latents, info = [], [], {}
         for seg in self.stream(prompt, _info=info, **kwargs):
             chunks.append(seg.frames)
             latents.append(seg.latents)
-        if output_type == "latent":
+        if _rank() != 0:  # torchrun: rank 0 holds the video; the other ranks only computed their share
+            frames = None
+        elif output_type == "latent":
             frames = torch.stack(latents)
         elif output_type == "np":
             frames = np.concatenate(chunks, axis=0)[None]

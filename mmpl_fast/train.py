@@ -628,7 +628,10 @@ def train(
 
 
 # --------------------------------------------------------------------------------------------------- CLI
-EXAMPLE = "python -m mmpl_fast.train --out runs/tiny --steps 2000 --layouts mmpl,ar"
+EXAMPLE = (
+    "python -m mmpl_fast.train --out runs/embedded --config embedded --vae-steps 7000 --steps 3500 --batch-size 8 "
+    "--num-clips 2000 --shift 3 --layouts mmpl,ar --export mmpl_fast/assets/embedded"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
