@@ -6,7 +6,22 @@ in the same dtype, plus a small absolute slack. `report` says where the first mi
 
 from __future__ import annotations
 
+import pytest
 import torch
+
+from mmpl_fast.kernels._dispatch import interpreting
+
+# Kernel tests run on CUDA when there is one, else on CPU tensors through the Triton interpreter (conftest).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BF16 = pytest.param(
+    torch.bfloat16,
+    marks=pytest.mark.skipif(
+        not torch.cuda.is_available() or interpreting(),
+        reason="bf16 needs compiled Triton on CUDA (the interpreter has no bf16)",
+    ),
+    id="bf16",
+)
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"), BF16]
 
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 

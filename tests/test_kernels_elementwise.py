@@ -13,7 +13,7 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from accuracy import assert_close_to_reference
+from accuracy import DEVICE, DTYPES, assert_close_to_reference
 
 from mmpl_fast.kernels import (
     PageTable,
@@ -28,7 +28,6 @@ from mmpl_fast.kernels import (
     stage_attention,
     use_backend,
 )
-from mmpl_fast.kernels._dispatch import interpreting
 from mmpl_fast.kernels.denoise import cfg_combine_torch, denoise_update_torch, euler_step_torch
 from mmpl_fast.kernels.norm_modulate import gated_residual_torch, norm_modulate_torch
 from mmpl_fast.kernels.rope_write import rope_write_torch
@@ -39,16 +38,6 @@ norm_mod = importlib.import_module("mmpl_fast.kernels.norm_modulate")
 denoise_mod = importlib.import_module("mmpl_fast.kernels.denoise")
 attention_mod = importlib.import_module("mmpl_fast.kernels.stage_attention")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BF16 = pytest.param(
-    torch.bfloat16,
-    marks=pytest.mark.skipif(
-        not torch.cuda.is_available() or interpreting(),
-        reason="bf16 needs compiled Triton on CUDA (the interpreter has no bf16)",
-    ),
-    id="bf16",
-)
-DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"), BF16]
 
 
 def randn(*shape, dtype=torch.float32):

@@ -17,23 +17,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
-from accuracy import ATOL, assert_close_to_reference
+from accuracy import ATOL, DEVICE, DTYPES, assert_close_to_reference
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmpl_fast.kernels import PageTable, stage_attention, use_backend
-from mmpl_fast.kernels._dispatch import interpreting
 from mmpl_fast.kernels.stage_attention import stage_attention_torch, stage_attention_triton
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BF16 = pytest.param(
-    torch.bfloat16,
-    marks=pytest.mark.skipif(
-        not torch.cuda.is_available() or interpreting(),
-        reason="bf16 needs compiled Triton on CUDA (the interpreter has no bf16)",
-    ),
-    id="bf16",
-)
-DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"), BF16]
 # torch reference vs float64: fp32 and fp16 CPU SDPA accumulate in fp32, so the error is the output rounding
 RTOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
