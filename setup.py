@@ -15,7 +15,7 @@ setup(
         "numpy",
         "safetensors>=0.4",
         "diffusers>=0.35",
-        "transformers>=4.45",
+        "transformers>=4.56",  # from_pretrained(dtype=...)
         "einops",
         "imageio",
         "imageio-ffmpeg",

@@ -458,7 +458,8 @@ class Pipeline:
                 stacklevel=2,
             )
         info.update(seed=seed, num_segments=num_segments, layout=lay.name, steps=steps, guidance=guidance,
-                    video_frames=num_frames, generated_frames=total_video, fps=FPS)  # fmt: skip
+                    sampler=sampler, shift=shift, video_frames=num_frames, generated_frames=total_video,
+                    fps=FPS)  # fmt: skip
 
         # 1. prompts -> text states, once per distinct prompt (each device embeds its cross-attention K/V once)
         neg_key = "\x00negative:" + (negative_prompt or "")

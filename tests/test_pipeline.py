@@ -291,3 +291,25 @@ def test_video_start_and_self_forcing_checkpoint(pipe, tmp_path):
     sf = Pipeline.from_pretrained(tmp_path / "p", transformer=tmp_path / "sf.pt")
     assert sf.kind == "self_forcing"
     assert torch.allclose(run_latents(sf, num_frames=9, seed=2), run_latents(pipe, num_frames=9, seed=2), atol=1e-5)
+
+
+def test_checkpoint_kind_and_saved_overrides_set_the_sampling_defaults(tmp_path):
+    """Self-Forcing-type weights sample with 4 few-step steps; MMPL's released weights (a .pt like Self-Forcing's,
+    so the kind is said, `--kind mmpl` on the CLI) with 50 UniPC steps, shift 5, guidance 5; a folder's saved
+    overrides (the embedded model's trained shift) win over its kind's defaults."""
+    pipe = Pipeline.tiny(seed=0)
+    pipe.save_pretrained(tmp_path / "p")
+    for kind, want in (("self_forcing", ("few-step", 4, 5.0, 1.0)), ("mmpl", ("unipc", 50, 5.0, 5.0))):
+        info = Pipeline.from_pretrained(tmp_path / "p", kind=kind)(
+            prompt="a red circle", num_frames=5, output_type="latent", progress=False, profile=False, **SIZE
+        ).info
+        assert (info["sampler"], info["steps"], info["shift"], info["guidance"]) == want, kind
+    pipe.sampling = {"shift": 3.0, "steps": 2}
+    pipe.save_pretrained(tmp_path / "q")
+    back = Pipeline.from_pretrained(tmp_path / "q")
+    assert back.sampling == {"shift": 3.0, "steps": 2}
+    info = back(prompt="a red circle", num_frames=5, output_type="latent", progress=False, profile=False, **SIZE).info
+    assert (info["shift"], info["steps"]) == (3.0, 2)
+    with pytest.raises(ValueError, match="sampling: unknown keys"):
+        Pipeline.tiny().__class__(pipe.transformer, pipe.vae.vae, pipe.text.encoder, pipe.text.tokenizer,
+                                  sampling={"cfg": 2})  # fmt: skip
