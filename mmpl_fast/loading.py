@@ -331,7 +331,19 @@ def load_transformer(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
 ) -> CausalWanModel:
-    """Load a causal Wan DiT from a checkpoint in any supported format.
+    """Load a causal Wan DiT from a checkpoint in any supported format (see `load_transformer_with_format`)."""
+    return load_transformer_with_format(path, config, device=device, dtype=dtype)[0]
+
+
+def load_transformer_with_format(
+    path: str | os.PathLike,
+    config: str | ModelConfig | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> tuple[CausalWanModel, str]:
+    """Load a causal Wan DiT from a checkpoint in any supported format; also return the format
+    (``"wan"``, ``"diffusers"`` or ``"self_forcing"``), read from the same pass over the file.
 
     Args:
         path: a weights file, a transformer folder, or a diffusers pipeline folder (``transformer/`` inside).
@@ -340,7 +352,7 @@ def load_transformer(
         device, dtype: where and how to keep the weights (default dtype: as stored).
     """
     path = Path(path)
-    state, _ = read_state_dict(path)
+    state, fmt = read_state_dict(path)
     if config is None:
         config = _config_from_json(_weight_files(path)) or _guess_config(state, path)
     config = resolve_config(config)
@@ -349,7 +361,7 @@ def load_transformer(
         model = CausalWanModel(config)
     model.load_state_dict(state, strict=True, assign=True)
     del state  # the model now holds the only reference: a dtype/device move frees each read tensor as it goes
-    return model.to(device=device, dtype=dtype).eval()
+    return model.to(device=device, dtype=dtype).eval(), fmt
 
 
 def save_transformer(model: CausalWanModel, folder: str | os.PathLike) -> Path:

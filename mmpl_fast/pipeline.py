@@ -49,7 +49,7 @@ from .components import TextEncoder, VideoVAE
 from .engine import StageEngine
 from .kv_pool import CrossAttentionCache, KVPool
 from .layouts import Layout, get_layout
-from .loading import load_transformer, read_state_dict, save_transformer
+from .loading import load_transformer_with_format, save_transformer
 from .model import CausalWanModel
 from .sampling import default_sampling, make_sampler
 from .scheduler.execute import Executor
@@ -211,8 +211,7 @@ class Pipeline:
             if not (root / name).is_dir():
                 raise FileNotFoundError(f"pipeline component missing: {root / name}")
         weights = Path(transformer) if transformer else root / "transformer"
-        _, fmt = read_state_dict(weights)
-        model = load_transformer(weights, config, device=device, dtype=dtype)
+        model, fmt = load_transformer_with_format(weights, config, device=device, dtype=dtype)
         extra = json.loads((root / "model_index.json").read_text()).get("mmpl_fast", {})
         if kind is None:
             kind = "self_forcing" if fmt == "self_forcing" else extra.get("kind", "wan")

@@ -172,9 +172,16 @@ def test_image_start_uses_the_chain_path(pipe):
     assert torch.allclose(lat[0, :1], expect, atol=1e-5)
 
 
-def test_from_pretrained_round_trip(pipe, tmp_path):
+def test_from_pretrained_round_trip(pipe, tmp_path, monkeypatch):
+    from mmpl_fast import loading
+
     pipe.save_pretrained(tmp_path / "p")
+    reads = []
+    read = loading._read_safetensors
+    monkeypatch.setattr(loading, "_read_safetensors", lambda path: reads.append(path) or read(path))
     again = Pipeline.from_pretrained(tmp_path / "p")
+    assert len(reads) == 1, f"the transformer weights were read {len(reads)} times"  # format and weights in one pass
+    monkeypatch.undo()
     assert again.kind == "tiny" and again.default_size == pipe.default_size
     a = run_latents(pipe, num_frames=9, seed=1)
     b = run_latents(again, num_frames=9, seed=1)
