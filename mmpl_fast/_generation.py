@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class SegmentFrames:
-    """What `Pipeline.stream` yields: one segment's final frames (overlap with the previous one dropped)."""
+    """What `Pipeline.stream` yields: one segment's final frames (overlap with the previous one dropped) and
+    the latents its video shows (`ChainPlan.kept_latents` frames)."""
 
     index: int
     frames: Any
@@ -298,6 +299,7 @@ class _Emitter:
         assert s == self.next, "segments are emitted in order"
         self.next += 1
         run = self.run
+        latents = latents[: run.plan.kept_latents]  # in "middle" mode the later frames are never generated
         if run.output_type == "latent":
             return SegmentFrames(s, [], latents, run.num_segments)
         video = video[:, : max(0, run.num_frames - self.emitted)]

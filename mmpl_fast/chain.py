@@ -81,13 +81,20 @@ class ChainPlan:
         extra = max(0, num_frames - self.first_segment_frames)
         return 1 + math.ceil(extra / self.later_segment_frames)
 
+    @property
+    def stages(self) -> tuple[int, ...]:
+        """Stages each segment runs: those producing its kept latents (the handoff included) and what they
+        read. In ``"middle"`` mode the released layout's second populate stage (frames 13-18) makes only
+        frames the video drops, so it is left out."""
+        return self.layout.stages_for(range(self.kept_latents))
+
     def chain_stages(self) -> list[int]:
         """Stages that must finish before the next segment can start (up to the last handoff producer)."""
         last = max(self.layout.stage_of(f) for f in self.handoff)
         return list(range(last + 1))
 
     def populate_stages(self) -> list[int]:
-        return list(range(len(self.chain_stages()), self.layout.num_stages))
+        return [k for k in self.stages if k >= len(self.chain_stages())]
 
     def stitch(self, segment: int, video: torch.Tensor) -> torch.Tensor:
         """The part of a segment's decoded video ``[B, 3, T, H, W]`` that enters the stitched video."""

@@ -74,6 +74,8 @@ class StageEngine:
         cross: cross-attention cache holding every prompt key used (and ``negative_key`` with guidance).
         seed: keys all random numbers.
         guidance: classifier-free guidance scale; 1 or less disables the unconditional branch.
+        stages: the stages segments run (default: all); a stage left out is never read, so the stages
+            before it skip the t = 0 cache pass of frames only it would read.
     """
 
     def __init__(
@@ -87,15 +89,19 @@ class StageEngine:
         seed: int,
         guidance: float = 1.0,
         negative_key: str = "",
+        stages: Sequence[int] | None = None,
     ):
         self.model, self.layout, self.sampler = model, layout, sampler
         self.pools, self.cross, self.seed = pools, cross, seed
         self.guidance, self.negative_key = guidance, negative_key
         if self.use_cfg and "uncond" not in pools:
             raise ValueError("guidance > 1 needs an 'uncond' KV pool (one cache per guidance branch)")
-        # Frames some later stage reads: only those need the t = 0 cache pass.
+        self.stages = tuple(range(layout.num_stages)) if stages is None else tuple(sorted(set(stages)))
+        if not set(self.stages) <= set(range(layout.num_stages)):
+            raise ValueError(f"stages {tuple(stages)}: layout {layout.name!r} has stages 0..{layout.num_stages - 1}")
+        # Frames some later stage that runs reads: only those need the t = 0 cache pass.
         self._read_later = [
-            {f for later in layout.stages[k + 1 :] for f in later.reads} for k in range(layout.num_stages)
+            {f for j in self.stages if j > k for f in layout.stages[j].reads} for k in range(layout.num_stages)
         ]
         self.model_calls = 0
         self._pages: dict[int, list[int]] = {}  # segment index -> pool page of each of its frames
@@ -154,6 +160,8 @@ class StageEngine:
     @torch.no_grad()
     def run_stage(self, jobs: Sequence[SegmentJob], stage: int, callback: StepCallback | None = None) -> None:
         """Run stage `stage` for every job (all jobs must have the same given frames in this stage)."""
+        if stage not in self.stages:
+            raise ValueError(f"run_stage: stage {stage} is not one this engine runs ({self.stages})")
         spec = self.layout.stages[stage]
         given_here = [f for f in spec.frames if f in jobs[0].given]
         if any([f for f in spec.frames if f in j.given] != given_here for j in jobs):

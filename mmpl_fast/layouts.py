@@ -112,6 +112,16 @@ class Layout:
                 return i
         raise ValueError(f"frame {frame} is not in layout {self.name!r}")
 
+    def stages_for(self, frames: Iterable[int]) -> tuple[int, ...]:
+        """The stages a segment must run to produce `frames`: the stages holding them, and, transitively,
+        the stages producing what those read (in execution order)."""
+        wanted, needed = set(frames), set()
+        for k in range(self.num_stages - 1, -1, -1):
+            if set(self.stages[k].frames) & wanted:
+                needed.add(k)
+                wanted |= set(self.stages[k].reads)
+        return tuple(sorted(needed))
+
     def frame_visibility(self) -> torch.Tensor:
         """bool ``[N, N]``: entry (i, j) says whether frame i attends to frame j at inference."""
         n = self.num_frames

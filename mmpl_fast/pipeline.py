@@ -63,7 +63,8 @@ FPS = 16  # Wan2.1 video frame rate
 @dataclass
 class PipelineOutput:
     """`frames`: ``[1, T, H, W, 3]`` floats in [0, 1] for "np" (``[1, T, 3, H, W]`` for "pt", a list of
-    PIL image lists for "pil", per-segment latents ``[S, F, C, h, w]`` for "latent")."""
+    PIL image lists for "pil", per-segment latents ``[S, F, C, h, w]`` for "latent": the F latent frames of
+    a segment that its video shows, 21 with the terminal chain, 13 with the middle one)."""
 
     frames: Any
     info: dict = field(default_factory=dict)
@@ -601,7 +602,8 @@ class Pipeline:
             pools = {"cond": KVPool.for_model(model, pages, tokens)}
             if guidance > 1:
                 pools["uncond"] = KVPool.for_model(model, pages, tokens)
-            engine = StageEngine(model, lay, smp, pools, cross, seed=seed, guidance=guidance, negative_key=neg_key)
+            engine = StageEngine(model, lay, smp, pools, cross, seed=seed, guidance=guidance, negative_key=neg_key,
+                                 stages=run.plan.stages)  # fmt: skip
             states[i] = _DeviceState(dev, engine, vae, names[0 if world > 1 else i])
         return sched, states, transport, workload
 

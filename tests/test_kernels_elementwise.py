@@ -39,7 +39,6 @@ denoise_mod = importlib.import_module("mmpl_fast.kernels.denoise")
 attention_mod = importlib.import_module("mmpl_fast.kernels.stage_attention")
 
 
-
 def randn(*shape, dtype=torch.float32):
     return torch.randn(*shape, device=DEVICE).to(dtype)
 

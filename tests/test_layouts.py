@@ -311,3 +311,12 @@ def test_visibility_is_stage_causal():
         noisy_noisy = tv[n:, n:]
         assert torch.equal(noisy_clean | noisy_noisy, fv)
         assert not (noisy_clean & noisy_noisy).any()
+
+
+def test_stages_for_follows_reads_back_to_the_start():
+    lay = mmpl()
+    assert lay.stages_for(range(21)) == (0, 1, 2, 3)
+    assert lay.stages_for(range(13)) == (0, 1, 2)  # the middle chain's kept frames
+    assert lay.stages_for([19]) == (0, 1)  # a keyframe needs only the plan and its start
+    assert lay.stages_for([]) == ()
+    assert ar(block=3).stages_for([7]) == (0, 1, 2)

@@ -286,6 +286,41 @@ def test_ar_mode_runs_every_stage_in_the_chain(pipe, monkeypatch):
     assert order == [((s,), k) for s in range(2) for k in range(7)]
 
 
+def test_middle_chain_skips_the_stage_whose_frames_the_video_drops(pipe, monkeypatch):
+    import mmpl_fast.scheduler as scheduler
+    from mmpl_fast import chain
+
+    calls = []
+    orig = StageEngine._call
+
+    def spy(self, jobs, views, x, t, branch):
+        calls.append((self._stage_now, t))
+        return orig(self, jobs, views, x, t, branch)
+
+    def run_stage(self, jobs, stage, callback=None):
+        self._stage_now = stage
+        return orig_stage(self, jobs, stage, callback)
+
+    orig_stage = StageEngine.run_stage
+    monkeypatch.setattr(StageEngine, "_call", spy)
+    monkeypatch.setattr(StageEngine, "run_stage", run_stage)
+    kw = dict(prompt="a red circle", num_frames=49 + 44, seed=3, chain="middle", progress=False, **SIZE)
+    pruned = pipe(**kw, output_type="pt")
+    pruned_latents = pipe(**kw, output_type="latent").frames
+    ran = list(calls)
+    assert {k for k, _ in ran} == {0, 1, 2}  # stage 3 (frames 13..18) is never run ...
+    assert not [k for k, t in ran if k == 2 and t == 0.0]  # ... nor stage 2's cache pass that only it would read
+    assert pruned_latents.shape[:2] == (2, 13)  # latents of the frames the video shows
+    # Running every stage, as before, gives the same video: the pruned work never reached it.
+    monkeypatch.setattr(chain.ChainPlan, "stages", property(lambda self: tuple(range(self.layout.num_stages))))
+    build = scheduler.build_dag
+    monkeypatch.setattr(scheduler, "build_dag", lambda *a, **k: build(*a, **k, prune=False))
+    calls.clear()
+    everything = pipe(**kw, output_type="pt")
+    assert {k for k, _ in calls} == {0, 1, 2, 3}
+    assert torch.equal(pruned.frames, everything.frames)
+
+
 def test_video_start_and_self_forcing_checkpoint(pipe, tmp_path):
     clip = [np.full((32, 32, 3), v, dtype=np.uint8) for v in range(0, 240, 30)]
     lat = run_latents(pipe, num_frames=9, seed=0, video=clip)

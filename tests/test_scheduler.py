@@ -83,13 +83,18 @@ def test_dag_shape_mmpl_terminal():
 
 
 def test_dag_shape_mmpl_middle():
-    dag = build_dag("mmpl", 2, "middle")
+    dag = build_dag("mmpl", 2, "middle", prune=False)
     assert _edges(dag, "chain") == {("s0.start", "s1.reencode", (0,)), ("s0.plan", "s1.reencode", (11, 12))}
     assert dag.kept == tuple(range(13))
     # the second populate stage produces no kept frame: decode does not wait for it
     assert not dag.has_edge(dag.task(0, "populate", 3), dag.task(0, "decode"))
-    pruned = build_dag("mmpl", 2, "middle", prune=True)
+    assert dag.task(0, "populate", 2).cache_pass  # stage 3 reads frames 4..9
+    pruned = build_dag("mmpl", 2, "middle")  # what the pipeline runs
     assert [t.name for t in pruned.segment_tasks(0)] == ["s0.start", "s0.plan", "s0.populate2", "s0.decode", "s0.write"]
+    assert not pruned.task(0, "populate", 2).cache_pass  # nothing that runs reads its frames
+    assert _edges(pruned, "chain") == _edges(dag, "chain")
+    # with the terminal chain every stage makes kept frames: nothing to prune
+    assert len(build_dag("mmpl", 2)) == len(build_dag("mmpl", 2, prune=False))
 
 
 def test_dag_shape_depends_on_chain_mode_when_handoffs_come_from_different_stages():

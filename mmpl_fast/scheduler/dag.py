@@ -204,7 +204,7 @@ def build_dag(
     *,
     decode: bool = True,
     write: bool = True,
-    prune: bool = False,
+    prune: bool = True,
 ) -> TaskDAG:
     """The task DAG of a video of `num_segments` segments.
 
@@ -214,9 +214,9 @@ def build_dag(
         chain: ``"terminal"`` (the next segment starts from the terminal keyframes) or ``"middle"``.
         decode: add a VAE decode task per segment.
         write: add an in-order writer task per segment (needs `decode`).
-        prune: leave out stages whose frames are neither kept in the video, nor read by a later stage, nor
-            handed to the next segment (in ``"middle"`` mode the released layout's second populate stage).
-            The pipeline currently runs every stage, so the default keeps them.
+        prune: leave out stages whose frames are neither kept in the video, nor read by a kept stage, nor
+            handed to the next segment (`Layout.stages_for`; in ``"middle"`` mode the released layout's
+            second populate stage). The pipeline runs the pruned DAG; ``False`` gives every stage.
 
     Raises:
         ValueError: bad `num_segments` or `chain`, or a layout without handoff frames for `chain` when
@@ -241,14 +241,7 @@ def build_dag(
     producer = {f: k for k, st in enumerate(lay.stages) for f in st.frames}
     # The re-encode reads frame 0 and the last two handoff frames of the predecessor (chain.py's recipe).
     reencode_reads = (0, *handoff[-2:]) if handoff else ()
-    needed = set(range(lay.num_stages))
-    if prune:
-        wanted = set(kept) | set(handoff)
-        needed = set()
-        for k in range(lay.num_stages - 1, -1, -1):
-            if set(lay.stages[k].frames) & wanted:
-                needed.add(k)
-                wanted |= set(lay.stages[k].reads)
+    needed = set(lay.stages_for(set(kept) | set(handoff))) if prune else set(range(lay.num_stages))
     read_later = {f for k, st in enumerate(lay.stages) if k in needed for f in st.reads}
 
     tasks: list[Task] = []
