@@ -321,6 +321,21 @@ def test_middle_chain_skips_the_stage_whose_frames_the_video_drops(pipe, monkeyp
     assert torch.equal(pruned.frames, everything.frames)
 
 
+def test_engine_runs_only_the_stages_it_is_given(pipe):
+    from mmpl_fast.engine import SegmentJob
+    from mmpl_fast.kv_pool import CrossAttentionCache, KVPool
+    from mmpl_fast.sampling import make_sampler
+
+    model, lay = pipe.transformer, mmpl()
+    parts = (model, lay, make_sampler("few-step", 2), {"cond": KVPool.for_model(model, 21, 4)}, CrossAttentionCache())
+    engine = StageEngine(*parts, seed=0, stages=(0, 1, 2))
+    job = SegmentJob(index=0, prompt="p", latents=torch.zeros(21, model.config.in_channels, 4, 4))
+    with pytest.raises(ValueError, match=r"stage 3 is not one this engine runs \(\(0, 1, 2\)\)"):
+        engine.run_stage([job], 3)
+    with pytest.raises(ValueError, match="has stages 0..3"):
+        StageEngine(*parts, seed=0, stages=(0, 4))
+
+
 def test_video_start_and_self_forcing_checkpoint(pipe, tmp_path):
     clip = [np.full((32, 32, 3), v, dtype=np.uint8) for v in range(0, 240, 30)]
     lat = run_latents(pipe, num_frames=9, seed=0, video=clip)
