@@ -10,19 +10,22 @@ from the scenes' captions, in mode ``mmpl`` and mode ``ar``, and each video is m
   the world's straight motions wrap); shape = nearest prototype in (fill of the bounding box, share of the
   pixels in its top half): circle (0.79, 0.5), square (1, 0.5), diamond (0.5, 0.5), triangle (0.5, 0.25);
 * prompt adherence (`adherence`): the share of the caption's checks a frame passes: the background colour,
-  and for each shape its colour (present) and its shape (of the detection of that colour);
+  and for each shape its colour (present) and its shape (of the detection of that colour); `checks` gives
+  the three kinds separately (``background_ok``, ``color_found``, ``shape_ok``: where adherence is lost);
 * drift (`drift`) of each time window against the first segment (its first `REFERENCE_FRAMES` frames):
   background colour distance, object colour distance (RGB distance / (255 sqrt 3); a shape gone is 1),
   relative size change (a shape gone is 1) and the change in the number of shapes, relative to the count.
 
 Ground truth (rendered world clips, 64x64, 16 held-out scenes, 60 s) scores 99.4 % adherence and at most
 0.05 size drift, 0.03 colour and count drift per window (occlusions, pixel rounding): the numbers measure the
-model, not the detector (`--ground-truth` reruns that check; tests check a smaller one). A first segment
-without any detected shape gives colour / size drift 0: read drift together with adherence.
+model, not the detector (`--ground-truth` reruns that check; tests check a smaller one).
+`--ground-truth --through-vae` measures the same clips after the model's VAE (encode, decode): what the VAE
+alone lets through, a ceiling for the generator. A first segment without any detected shape gives colour /
+size drift 0: read drift together with adherence.
 
 Outputs in ``--out``: ``rows.csv`` (every video and window), ``summary.csv`` (mean per mode and window),
-``summary.json`` (overall adherence per mode, drift in the last window (``end``) and averaged over the last
-10 s (``end_10s``), and the MMPL/AR ratios of both) and ``metrics.png``
+``summary.json`` (overall adherence and `CHECKS` per mode, drift in the last window (``end``) and averaged over
+the last 10 s (``end_10s``), and the MMPL/AR ratios of both) and ``metrics.png``
 (each metric against time, one line per mode).
 """
 
@@ -47,6 +50,7 @@ REFERENCE_FRAMES = 81  # the first segment (21 latent frames of a 4x temporal VA
 END_SECONDS = 10  # "end_10s": drift averaged over the windows of the last 10 s (one window alone is noisy)
 SHAPE_PROTOTYPES = {"circle": (math.pi / 4, 0.5), "square": (1.0, 0.5), "diamond": (0.5, 0.5), "triangle": (0.5, 0.25)}
 METRICS = ("adherence", "background_drift", "color_drift", "size_drift", "count_drift")
+CHECKS = ("background_ok", "color_found", "shape_ok")  # adherence's parts (`checks`)
 _PALETTE = np.array([world.PALETTE[c] for c in world.PALETTE], dtype=np.float32)
 _NAMES = list(world.PALETTE)
 _RGB_SCALE = 255 * math.sqrt(3)
@@ -157,14 +161,29 @@ def detect(frame: np.ndarray) -> FrameReport:
     return FrameReport(background, tuple(bg_rgb.tolist()), tuple(objects))
 
 
+def _passed(report: FrameReport, prompt: str) -> tuple[bool, list[bool], list[bool]]:
+    """(background right, each shape's colour found, each shape's shape right) for one frame."""
+    background, expected = world.parse_caption(prompt)
+    found = [report.find(obj["color"]) for obj in expected]
+    shaped = [d is not None and d.shape == obj["shape"] for d, obj in zip(found, expected)]
+    return report.background == background, [d is not None for d in found], shaped
+
+
 def adherence(report: FrameReport, prompt: str) -> float:
     """Share of the caption's checks the frame passes: background colour, each shape's colour and shape."""
-    background, expected = world.parse_caption(prompt)
-    passed = [report.background == background]
-    for obj in expected:
-        found = report.find(obj["color"])
-        passed += [found is not None, found is not None and found.shape == obj["shape"]]
-    return sum(passed) / len(passed)
+    background, found, shaped = _passed(report, prompt)
+    return (background + sum(found) + sum(shaped)) / (1 + len(found) + len(shaped))
+
+
+def checks(report: FrameReport, prompt: str) -> dict[str, float]:
+    """Adherence's parts for one frame: background right (0 / 1), and the shares of the caption's shapes
+    whose colour is found and whose shape is right (`CHECKS`)."""
+    background, found, shaped = _passed(report, prompt)
+    return {
+        "background_ok": float(background),
+        "color_found": float(np.mean(found)),
+        "shape_ok": float(np.mean(shaped)),
+    }
 
 
 @dataclass(frozen=True)
@@ -211,7 +230,7 @@ def video_metrics(
     """Metrics of one video (uint8 or [0, 1] float ``[T, H, W, 3]``) per window of `window` frames.
 
     Every `stride`-th frame is measured. Returns one row per window: ``time`` (seconds at the window's
-    start) and `METRICS`; drift is against the first `REFERENCE_FRAMES` frames.
+    start), `METRICS` and `CHECKS`; drift is against the first `REFERENCE_FRAMES` frames.
     """
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3:
@@ -230,6 +249,8 @@ def video_metrics(
             continue
         row = {"time": start / fps, "adherence": float(np.mean([adherence(r, prompt) for r in part]))}
         row.update(drift(summarize(part), reference))
+        parts = [checks(r, prompt) for r in part]
+        row.update({c: float(np.mean([p[c] for p in parts])) for c in CHECKS})
         rows.append(row)
     return rows
 
@@ -243,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default=None, help="pipeline folder (default: the embedded model)")
     p.add_argument("--ground-truth", action="store_true", help="measure rendered world clips instead (a check)")
+    p.add_argument("--through-vae", action="store_true",
+                   help="with --ground-truth: clips pass through the model's VAE first (its ceiling)")  # fmt: skip
     p.add_argument("--modes", default="mmpl,ar", help="comma-separated generation modes (default %(default)s)")
     p.add_argument("--prompts", type=int, default=8, help="held-out scenes (default %(default)s)")
     p.add_argument("--seeds", type=int, default=1, help="generation seeds per scene (default %(default)s)")
@@ -261,7 +284,7 @@ def _videos(args, modes):
 
     num_frames = round(args.seconds * world.FPS) + 1
     pipe = None
-    if not args.ground_truth:
+    if not args.ground_truth or args.through_vae:
         from .generate import load_pipeline
 
         pipe = load_pipeline(args.model, None, "cpu")
@@ -272,18 +295,28 @@ def _videos(args, modes):
         prompt = world.caption(scene)
         for seed in range(args.seeds):
             for mode in modes:
-                if pipe is None:
+                if args.ground_truth:
                     frames = world.render(scene, num_frames, height, width)
+                    if args.through_vae:
+                        frames = _through_vae(pipe.vae, frames)
                 else:
                     frames = pipe(prompt=prompt, num_frames=num_frames, height=height, width=width, mode=mode,
                                   seed=seed, progress=not args.quiet).frames[0]  # fmt: skip
                 yield mode, HELDOUT_SEED + k, seed, frames, prompt
 
 
+def _through_vae(vae, frames: np.ndarray) -> np.ndarray:
+    """uint8 ``[T, H, W, 3]`` frames -> the same after the VAE's encode and decode (float, [0, 1])."""
+    import torch
+
+    video = torch.from_numpy(np.ascontiguousarray(frames)).float().div(127.5).sub(1).permute(3, 0, 1, 2)[None]
+    return ((vae.decode(vae.encode(video))[0].permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1).numpy()
+
+
 def write_outputs(rows: list[dict], out: Path) -> dict:
     """rows.csv, summary.csv, summary.json and metrics.png from per-window rows (with mode, scene, seed)."""
     out.mkdir(parents=True, exist_ok=True)
-    keys = ["mode", "scene", "seed", "time", *METRICS]
+    keys = ["mode", "scene", "seed", "time", *METRICS, *CHECKS]
     with open(out / "rows.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, keys)
         w.writeheader()
@@ -293,12 +326,12 @@ def write_outputs(rows: list[dict], out: Path) -> dict:
     for mode in modes:
         for t in sorted({r["time"] for r in rows if r["mode"] == mode}):
             sel = [r for r in rows if r["mode"] == mode and r["time"] == t]
-            table[(mode, t)] = {m: float(np.mean([r[m] for r in sel])) for m in METRICS}
+            table[(mode, t)] = {m: float(np.mean([r[m] for r in sel])) for m in (*METRICS, *CHECKS)}
     with open(out / "summary.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["mode", "time", *METRICS])
+        w.writerow(["mode", "time", *METRICS, *CHECKS])
         for (mode, t), v in table.items():
-            w.writerow([mode, t, *(f"{v[m]:.4f}" for m in METRICS)])
+            w.writerow([mode, t, *(f"{v[m]:.4f}" for m in (*METRICS, *CHECKS))])
     summary: dict = {}
     drifts = [m for m in METRICS if m != "adherence"]
     for mode in modes:
@@ -307,6 +340,7 @@ def write_outputs(rows: list[dict], out: Path) -> dict:
         tail = [t for t in times if t >= times[-1] - END_SECONDS]
         summary[mode] = {
             "adherence": float(np.mean([table[(mode, t)]["adherence"] for t in times])),
+            "checks": {c: float(np.mean([table[(mode, t)][c] for t in times])) for c in CHECKS},
             "end": {m: end[m] for m in drifts},
             "end_10s": {m: float(np.mean([table[(mode, t)][m] for t in tail])) for m in drifts},
         }
@@ -353,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--{name} must be > 0, got {getattr(args, name)}")
         if not args.seconds > 0:
             raise ValueError(f"--seconds must be > 0, got {args.seconds}")
+        if args.through_vae and not args.ground_truth:
+            raise ValueError("--through-vae measures rendered clips: it needs --ground-truth")
         rows = []
         for mode, scene, seed, frames, prompt in _videos(args, modes):
             for r in video_metrics(frames, prompt, window=args.window):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import time
 
@@ -195,6 +196,9 @@ def test_metrics_see_a_wrong_caption_and_drift():
     assert evaluate.adherence(evaluate.detect(world.render(a, 1, 64, 64)[0]), wrong) == 0
     half = "a large red circle bouncing on a black background"  # right colours, wrong shape
     assert evaluate.adherence(evaluate.detect(world.render(a, 1, 64, 64)[0]), half) == pytest.approx(2 / 3)
+    report = evaluate.detect(world.render(a, 1, 64, 64)[0])
+    assert evaluate.checks(report, half) == {"background_ok": 1.0, "color_found": 1.0, "shape_ok": 0.0}
+    assert evaluate.checks(report, wrong) == {"background_ok": 0.0, "color_found": 0.0, "shape_ok": 0.0}
     # the second half of the video changes background, shape colour and size: every drift metric sees it
     b = world.Scene("gray", (world.SceneObject("square", "orange", "small", motion),))
     frames = np.concatenate([world.render(a, 96, 64, 64), world.render(b, 96, 64, 64, start=96)])
@@ -215,6 +219,27 @@ def test_evaluate_cli_writes_csv_summary_and_plot(tmp_path, capsys):
     for name in ("rows.csv", "summary.csv", "summary.json", "metrics.png"):
         assert (out / name).is_file(), name
     assert "mmpl_over_ar_end_drift" in capsys.readouterr().out
+    truth = json.loads((out / "summary.json").read_text())["mmpl"]["checks"]
+    assert truth["background_ok"] == 1 and truth["color_found"] > 0.9
     with pytest.raises(SystemExit):
         evaluate.main([*flags, "--modes", "spiral", "--out", str(out)])
     assert "--modes" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main([*flags[1:], "--through-vae", "--out", str(out)])
+    assert "needs --ground-truth" in capsys.readouterr().err
+    # through the shipped VAE: the same clips after its encode + decode, measured the same way
+    assert evaluate.main([*flags, "--through-vae", "--modes", "mmpl", "--out", str(out / "vae"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert set(json.loads((out / "vae" / "summary.json").read_text())["mmpl"]["checks"]) == set(evaluate.CHECKS)
+
+
+def test_through_vae_returns_the_reconstruction():
+    from mmpl_fast import evaluate
+    from mmpl_fast.embedded import load_pipeline
+
+    frames = world.render(world.sample_scene(3), 9, 32, 32)
+    vae = load_pipeline().vae
+    out = evaluate._through_vae(vae, frames)
+    assert out.shape == frames.shape and out.dtype == np.float32
+    err = np.abs(out - frames / 255.0)
+    assert 0 < err.mean() < 0.1  # changed by the VAE, but a reconstruction of the clip
