@@ -12,6 +12,7 @@ does not depend on batching, order, device or device count.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -105,6 +106,7 @@ class StageEngine:
         ]
         self.model_calls = 0
         self._pages: dict[int, list[int]] = {}  # segment index -> pool page of each of its frames
+        self._page_lock = threading.Lock()
 
     @property
     def use_cfg(self) -> bool:
@@ -112,19 +114,21 @@ class StageEngine:
 
     def pages(self, job: SegmentJob) -> list[int]:
         """The pool page of each of the job's frames (allocated on first use; the same in every branch's pool)."""
-        if job.index not in self._pages:
-            pages = self.pools["cond"].allocate(self.layout.num_frames)
-            if self.use_cfg:
-                assert self.pools["uncond"].allocate(self.layout.num_frames) == pages, "pools out of step"
-            self._pages[job.index] = pages
-        return self._pages[job.index]
+        with self._page_lock:  # launches on separate CUDA streams call this from their own threads
+            if job.index not in self._pages:
+                pages = self.pools["cond"].allocate(self.layout.num_frames)
+                if self.use_cfg:
+                    assert self.pools["uncond"].allocate(self.layout.num_frames) == pages, "pools out of step"
+                self._pages[job.index] = pages
+            return self._pages[job.index]
 
     def release(self, job: SegmentJob) -> None:
         """Give a finished segment's pages back."""
-        pages = self._pages.pop(job.index, None)
-        if pages is not None:
-            for pool in self.pools.values():
-                pool.release(pages)
+        with self._page_lock:
+            pages = self._pages.pop(job.index, None)
+            if pages is not None:
+                for pool in self.pools.values():
+                    pool.release(pages)
 
     def export_pages(self, job: SegmentJob, frames: Sequence[int]) -> list[torch.Tensor]:
         """Copies of the keys and values of `frames`: per guidance branch k then v, ``[layers, n, T, H, D]``."""

@@ -336,6 +336,38 @@ def test_engine_runs_only_the_stages_it_is_given(pipe):
         StageEngine(*parts, seed=0, stages=(0, 4))
 
 
+def test_engine_pages_from_many_threads_stay_disjoint_and_in_step(pipe):
+    import threading
+
+    from mmpl_fast.engine import SegmentJob
+    from mmpl_fast.kv_pool import CrossAttentionCache, KVPool
+    from mmpl_fast.sampling import make_sampler
+
+    model, lay, n = pipe.transformer, mmpl(), 8
+    pools = {b: KVPool.for_model(model, 21 * n, 4) for b in ("cond", "uncond")}
+    engine = StageEngine(model, lay, make_sampler("few-step", 2), pools, CrossAttentionCache(), seed=0, guidance=2.0)
+    jobs = [SegmentJob(index=i, prompt="p", latents=torch.zeros(1)) for i in range(n)]
+    start, errors, got = threading.Barrier(n), [], {}
+
+    def take(job):
+        start.wait()  # every thread asks at once, as stream launches do
+        try:
+            got[job.index] = engine.pages(job)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=take, args=(j,)) for j in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sorted(p for pages in got.values() for p in pages) == list(range(21 * n))
+    for job in jobs:
+        engine.release(job)
+    assert all(len(pool._free) == 21 * n for pool in pools.values())
+
+
 def test_video_start_and_self_forcing_checkpoint(pipe, tmp_path):
     clip = [np.full((32, 32, 3), v, dtype=np.uint8) for v in range(0, 240, 30)]
     lat = run_latents(pipe, num_frames=9, seed=0, video=clip)
