@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--mode", choices=list(MODES), default="mmpl", help="mmpl: plan then populate; ar: blocks of 3")
     h.add_argument("--layout", help=f"layout name ({', '.join(LAYOUTS)}, arN); overrides --mode's layout")
     h.add_argument("--chain", choices=["terminal", "middle"], default="terminal",
-                   help="next segment starts from the terminal keyframes, or the middle ones")  # fmt: skip
+                   help="next segment starts from the terminal keyframes, or the middle ones (less work: the "
+                        "populate stage after them is skipped)")  # fmt: skip
     h.add_argument("--steps", type=int, help="denoising steps per stage (default by checkpoint kind)")
     h.add_argument("--guidance", type=float, help="classifier-free guidance scale (default by checkpoint kind)")
     h.add_argument("--sampler", choices=list(SAMPLERS), help="few-step, unipc or euler (default by checkpoint kind)")
