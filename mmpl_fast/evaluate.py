@@ -310,7 +310,7 @@ def _through_vae(vae, frames: np.ndarray) -> np.ndarray:
     import torch
 
     video = torch.from_numpy(np.ascontiguousarray(frames)).float().div(127.5).sub(1).permute(3, 0, 1, 2)[None]
-    return ((vae.decode(vae.encode(video))[0].permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1).numpy()
+    return ((vae.decode(vae.encode(video))[0].permute(1, 2, 3, 0).cpu() + 1) / 2).clamp(0, 1).numpy()
 
 
 def write_outputs(rows: list[dict], out: Path) -> dict:
