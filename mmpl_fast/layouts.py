@@ -116,6 +116,10 @@ class Layout:
         """The stages a segment must run to produce `frames`: the stages holding them, and, transitively,
         the stages producing what those read (in execution order)."""
         wanted, needed = set(frames), set()
+        ok = lambda f: isinstance(f, int) and not isinstance(f, bool) and 0 <= f < self.num_frames  # noqa: E731
+        bad = sorted((f for f in wanted if not ok(f)), key=str)
+        if bad:
+            raise ValueError(f"layout {self.name!r} has frames 0..{self.num_frames - 1}; asked for {bad[:5]}")
         for k in range(self.num_stages - 1, -1, -1):
             if set(self.stages[k].frames) & wanted:
                 needed.add(k)

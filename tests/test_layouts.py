@@ -320,3 +320,5 @@ def test_stages_for_follows_reads_back_to_the_start():
     assert lay.stages_for([19]) == (0, 1)  # a keyframe needs only the plan and its start
     assert lay.stages_for([]) == ()
     assert ar(block=3).stages_for([7]) == (0, 1, 2)
+    with pytest.raises(ValueError, match=r"frames 0..20; asked for \[21\]"):
+        lay.stages_for([3, 21])
