@@ -496,10 +496,9 @@ class Pipeline:
         if _world() > 1 and first < num_segments and (first or given is not None):
             given = _broadcast_tensor(given, (plan.start_latents, *latent_shape[1:]))
         run = _Run(plan, prompts, latent_shape, num_frames, output_type, work, done, given, step_callback, first)
-        bar = tqdm(
-            total=num_segments * lay.num_stages, desc="stages", unit="stage", disable=not progress or _rank() != 0
-        )
-        bar.update(first * lay.num_stages)
+        per_segment = len(plan.stages)
+        bar = tqdm(total=num_segments * per_segment, desc="stages", unit="stage", disable=not progress or _rank() != 0)
+        bar.update(first * per_segment)
         gen = None
         try:
             emitter = _Emitter(run)

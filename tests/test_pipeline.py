@@ -321,6 +321,25 @@ def test_middle_chain_skips_the_stage_whose_frames_the_video_drops(pipe, monkeyp
     assert torch.equal(pruned.frames, everything.frames)
 
 
+@pytest.mark.parametrize("chain", ["terminal", "middle"])
+def test_progress_bar_ends_full(pipe, monkeypatch, chain):
+    import mmpl_fast.pipeline as pipeline_mod
+
+    bars = []
+
+    class Bar(pipeline_mod.tqdm):
+        def close(self):
+            bars.append((self.n, self.total))
+            super().close()
+
+    monkeypatch.setattr(pipeline_mod, "tqdm", Bar)
+    pipe(prompt="a red circle", num_frames=100, seed=0, chain=chain, output_type="latent", progress=True, **SIZE)
+    plan = ChainPlan(mmpl(), chain)
+    assert bars and all(b == bars[0] for b in bars)  # tqdm may close a bar more than once
+    n, total = bars[0]
+    assert n == total == plan.segments_for(100) * len(plan.stages)
+
+
 def test_engine_runs_only_the_stages_it_is_given(pipe):
     from mmpl_fast.engine import SegmentJob
     from mmpl_fast.kv_pool import CrossAttentionCache, KVPool
