@@ -94,7 +94,8 @@ class ChainPlan:
         return list(range(last + 1))
 
     def populate_stages(self) -> list[int]:
-        return [k for k in self.stages if k >= len(self.chain_stages())]
+        first = len(self.chain_stages())
+        return [k for k in self.stages if k >= first]
 
     def stitch(self, segment: int, video: torch.Tensor) -> torch.Tensor:
         """The part of a segment's decoded video ``[B, 3, T, H, W]`` that enters the stitched video."""
