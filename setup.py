@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="Macro-from-Micro Planning for long video generation with Triton kernels (Wan2.1 family)",
     python_requires=">=3.10",
-    packages=["mmpl_fast", "mmpl_fast.kernels", "mmpl_fast.scheduler"],
+    packages=["mmpl_fast", "mmpl_fast.kernels", "mmpl_fast.scheduler", "mmpl_fast.world"],
     package_dir={"mmpl_fast": "mmpl_fast", "mmpl_fast.kernels": "kernels"},
     package_data={"mmpl_fast": ["assets/embedded/*.json", "assets/embedded/*/*"]},
     install_requires=[

@@ -46,7 +46,7 @@ class TextEncoder:
 class VideoVAE:
     """A Wan-style video VAE with the model's latent normalisation and frame-major layout.
 
-    Takes diffusers `AutoencoderKLWan`, or the embedded model's `world_vae.WorldVAE` (same interface and
+    Takes diffusers `AutoencoderKLWan`, or the embedded model's `world.vae.WorldVAE` (same interface and
     compression): anything with ``encode(x).latent_dist.mode()``, ``decode(z).sample`` and a config holding
     ``z_dim``, ``latents_mean``, ``latents_std`` and its compression.
     """

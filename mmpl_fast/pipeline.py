@@ -114,13 +114,15 @@ def _to_frames(x, name: str) -> torch.Tensor:
     raise TypeError(f"{name}: expected a PIL image, numpy array, tensor or a list of them, got {type(x).__name__}")
 
 
+#: VAE classes a pipeline folder may name (vae/config.json's ``_class_name``) and the module that defines each.
+#: The embedded model's `WorldVAE` lives in its own wing (`mmpl_fast.world`), imported only when a folder names it.
+VAE_CLASSES = {"AutoencoderKLWan": "diffusers", "WorldVAE": "mmpl_fast.world.vae"}
+
+
 def _vae_class(folder: Path):
     """diffusers `AutoencoderKLWan`, or the embedded model's `WorldVAE`, as the folder's config.json says."""
-    from diffusers import AutoencoderKLWan
+    import importlib
 
-    from .world_vae import WorldVAE
-
-    classes = {"AutoencoderKLWan": AutoencoderKLWan, "WorldVAE": WorldVAE}
     config = folder / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"pipeline component missing: {config}")
@@ -128,9 +130,9 @@ def _vae_class(folder: Path):
         name = json.loads(config.read_text()).get("_class_name", "AutoencoderKLWan")
     except json.JSONDecodeError as e:
         raise ValueError(f"{config}: not valid JSON: {e}") from e
-    if name not in classes:
-        raise ValueError(f"{config}: VAE class {name!r} is not one of {', '.join(classes)}")
-    return classes[name]
+    if name not in VAE_CLASSES:
+        raise ValueError(f"{config}: VAE class {name!r} is not one of {', '.join(VAE_CLASSES)}")
+    return getattr(importlib.import_module(VAE_CLASSES[name]), name)
 
 
 def _save_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:

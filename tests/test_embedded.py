@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mmpl_fast import embedded
-from mmpl_fast.evaluate import detect
+from mmpl_fast.world.evaluate import detect
 
 
 def test_the_embedded_model_ships_as_safetensors_under_20_mb():

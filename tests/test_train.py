@@ -7,7 +7,6 @@ import csv
 import pytest
 import torch
 
-from mmpl_fast import train
 from mmpl_fast.components import TextEncoder
 from mmpl_fast.config import resolve_config
 from mmpl_fast.engine import SegmentJob, StageEngine
@@ -16,6 +15,7 @@ from mmpl_fast.layouts import LAYOUTS, custom, get_layout
 from mmpl_fast.model import CrossKV
 from mmpl_fast.sampling import make_sampler, training_table
 from mmpl_fast.tiny import tiny_components
+from mmpl_fast.world import train
 
 # A 6-frame MMPL-like layout (start, plan 2 + 5, populate 3 4) for fast tests: 21 video frames.
 MINI = custom("mini", 6, [((0, 1), (), "start"), ((2, 5), (0, 1), "plan"), ((3, 4), (0, 1, 2, 5), "populate")],

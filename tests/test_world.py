@@ -11,7 +11,7 @@ import pytest
 
 from mmpl_fast import world
 from mmpl_fast.tiny import tiny_tokenizer
-from mmpl_fast.train import TEXT_LEN
+from mmpl_fast.world.train import TEXT_LEN
 
 
 def palette_counts(frames: np.ndarray) -> dict[str, int]:
@@ -160,7 +160,7 @@ def test_bad_inputs_are_rejected():
 
 # ------------------------------------------------------------------------------ evaluation metrics (evaluate.py)
 def test_detector_names_every_shape_colour_and_size():
-    from mmpl_fast import evaluate
+    from mmpl_fast.world import evaluate
 
     for shape in world.SHAPES:
         for size in world.SIZES:
@@ -174,8 +174,8 @@ def test_detector_names_every_shape_colour_and_size():
 
 
 def test_ground_truth_scores_full_adherence_and_no_drift():
-    from mmpl_fast import evaluate
-    from mmpl_fast.train import HELDOUT_SEED
+    from mmpl_fast.world import evaluate
+    from mmpl_fast.world.train import HELDOUT_SEED
 
     for k in range(3):
         scene = world.sample_scene(HELDOUT_SEED + k)
@@ -188,7 +188,7 @@ def test_ground_truth_scores_full_adherence_and_no_drift():
 
 
 def test_metrics_see_a_wrong_caption_and_drift():
-    from mmpl_fast import evaluate
+    from mmpl_fast.world import evaluate
 
     motion = world.Motion("bouncing", 0.3, 0.4, speed=0.2, angle=0.6)
     a = world.Scene("black", (world.SceneObject("square", "red", "large", motion),))
@@ -211,7 +211,7 @@ def test_metrics_see_a_wrong_caption_and_drift():
 
 
 def test_evaluate_cli_writes_csv_summary_and_plot(tmp_path, capsys):
-    from mmpl_fast import evaluate
+    from mmpl_fast.world import evaluate
 
     out = tmp_path / "eval"
     flags = ["--ground-truth", "--prompts", "1", "--seconds", "3", "--height", "32", "--width", "32"]
@@ -234,7 +234,7 @@ def test_evaluate_cli_writes_csv_summary_and_plot(tmp_path, capsys):
 
 
 def test_through_vae_returns_the_reconstruction():
-    from mmpl_fast import evaluate
+    from mmpl_fast.world import evaluate
     from mmpl_fast.embedded import load_pipeline
 
     frames = world.render(world.sample_scene(3), 9, 32, 32)

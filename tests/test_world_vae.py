@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from mmpl_fast.components import VideoVAE
-from mmpl_fast.train import TrainConfig, train_vae
-from mmpl_fast.world_vae import WorldVAE, reconstruction_loss
+from mmpl_fast.world.train import TrainConfig, train_vae
+from mmpl_fast.world.vae import WorldVAE, reconstruction_loss
 
 
 @pytest.fixture(scope="module")
