@@ -234,8 +234,8 @@ def test_evaluate_cli_writes_csv_summary_and_plot(tmp_path, capsys):
 
 
 def test_through_vae_returns_the_reconstruction():
-    from mmpl_fast.world import evaluate
     from mmpl_fast.embedded import load_pipeline
+    from mmpl_fast.world import evaluate
 
     frames = world.render(world.sample_scene(3), 9, 32, 32)
     vae = load_pipeline().vae
