@@ -41,7 +41,8 @@ def keyed_noise(seed: int, segment: int, stage: int, step: int, shape: Sequence[
     noise = torch.randn(tuple(shape), generator=gen, dtype=torch.float32)
     device = torch.device(device)
     if device.type == "cuda":
-        noise = noise.pin_memory()
+        with torch.cuda.device(device):
+            noise = noise.pin_memory()  # current device: the noise's, set just above
     return noise.to(device=device, dtype=dtype, non_blocking=True)
 
 
