@@ -3,7 +3,9 @@
 Under torchrun every rank runs one device; `Pipeline.stream` then plans the video once (rank 0 computes the
 schedule and broadcasts it), and `scheduler.execute.DistributedTransport` moves what crosses ranks point to
 point: KV pages and latents between the ranks that produce and consume them, decoded segments to rank 0,
-which writes the video. NCCL on GPUs, gloo on CPU; multi-node through torchrun's rendezvous. Every wait on
+which writes the video, per peer in one order every rank derives from the schedule (NCCL matches messages in
+issue order and ignores tags). NCCL on GPUs (each rank's GPU made current and bound to the process group
+before anything runs), gloo on CPU; multi-node through torchrun's rendezvous. Every wait on
 a peer is bounded by the process group's timeout, so a failed rank ends the run on every rank with an error
 naming the peer, never a hang; rerunning the same command with ``--workdir`` resumes it.
 """

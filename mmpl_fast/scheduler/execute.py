@@ -161,17 +161,18 @@ class DistributedTransport:
 
     Each tensor of a message is its own point-to-point transfer; both sides know the shapes from the schedule,
     so no header is needed. Waits on a peer are bounded by the process group's timeout. gloo moves CPU tensors,
-    NCCL CUDA ones. One thread per rank uses it (one device per rank).
+    NCCL CUDA ones. One thread per rank uses it (one device per rank). `comm` replaces torch.distributed
+    (``get_rank``, ``get_backend``, ``isend``, ``irecv``, ``send``, ``recv``), e.g. by a fake in tests.
     """
 
-    def __init__(self, device: torch.device | str = "cpu") -> None:
+    def __init__(self, device: torch.device | str = "cpu", *, comm=None) -> None:
         import torch.distributed as dist
 
-        if not dist.is_initialized():
+        if comm is None and not dist.is_initialized():
             raise RuntimeError("DistributedTransport needs an initialised process group (torchrun)")
-        self.dist = dist
-        self.rank = dist.get_rank()
-        self.nccl = dist.get_backend() == "nccl"
+        self.dist = comm if comm is not None else dist  # torch.distributed's point-to-point calls (tests: a fake)
+        self.rank = self.dist.get_rank()
+        self.nccl = self.dist.get_backend() == "nccl"
         self.comm_device = torch.device(device) if self.nccl else torch.device("cpu")
         if self.nccl and self.comm_device.type != "cuda":
             raise ValueError(f"device: NCCL moves CUDA tensors, got {device!r}")
@@ -198,6 +199,7 @@ class DistributedTransport:
 
     def open(self, messages: Sequence[Message]) -> None:
         self._queue.clear()
+        self._where.clear()
         pairs = set()
         for m in messages:
             src, dst = self.rank_of(m.src), self.rank_of(m.dst)
