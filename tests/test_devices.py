@@ -165,17 +165,13 @@ def test_the_pipeline_runs_each_device_under_its_device(monkeypatch):
     fake = FakeCuda()
     monkeypatch.setattr(_generation, "on_device", lambda dev: fake.device(dev.index))
     ran: list[tuple[str, int | None]] = []
-    run_stage, decode = StageEngine.run_stage, Pipeline._decode
+    run_stage = StageEngine.run_stage
 
-    def record(fn):
-        def wrapper(*args, **kwargs):
-            ran.append((threading.current_thread().name, fake.current))
-            return fn(*args, **kwargs)
+    def record(*args, **kwargs):
+        ran.append((threading.current_thread().name, fake.current))
+        return run_stage(*args, **kwargs)
 
-        return wrapper
-
-    monkeypatch.setattr(StageEngine, "run_stage", record(run_stage))
-    monkeypatch.setattr(Pipeline, "_decode", record(decode))
+    monkeypatch.setattr(StageEngine, "run_stage", record)
     pipe = Pipeline.tiny(seed=0)
     n = ChainPlan(mmpl()).video_frames(2)
     pipe(prompt="a red circle", height=32, width=32, num_frames=n, output_type="latent", progress=False, seed=1,
