@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -121,6 +122,10 @@ class _Generation:
                 self.states[device].videos.pop(self.run_.first + segment, None)
 
     # ---- Work
+    def device_context(self, device: int) -> AbstractContextManager:
+        """Makes the device's CUDA device the current one (entered by the thread running its launches)."""
+        return on_device(self.states[device].device)
+
     def _segment(self, task) -> int:
         return self.run_.first + task.segment
 
@@ -162,7 +167,7 @@ class _Generation:
             try:
                 stream = torch.cuda.Stream(st.device)
                 stream.wait_stream(main)  # the pages and latents it reads were written on the main stream
-                with torch.cuda.stream(stream):
+                with torch.cuda.device(st.device), torch.cuda.stream(stream):  # a new thread: set its device
                     self._run_group(st, g)
                     torch.cuda.current_stream(st.device).synchronize()
             except BaseException as e:  # noqa: BLE001 - re-raised below
@@ -335,7 +340,7 @@ def _free_memory(device: torch.device) -> int | None:
         return None
     from .scheduler import Telemetry
 
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = device.index if device.index is not None else torch.cuda.current_device()  # current device: "cuda"
     tel = Telemetry()
     try:
         for stats in tel.read():
@@ -347,11 +352,16 @@ def _free_memory(device: torch.device) -> int | None:
     return int(free)
 
 
+def on_device(device: torch.device) -> AbstractContextManager:
+    """``torch.cuda.device(device)`` for a CUDA device (Triton and everything else that uses the current device
+    then runs there), nothing for others."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
+
+
 def _comm_device() -> torch.device:
-    dist = torch.distributed
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    from .distributed import comm_device
+
+    return comm_device()
 
 
 def _broadcast_int(value: int) -> int:

@@ -3,7 +3,9 @@
 Under torchrun every rank runs one device; `Pipeline.stream` then plans the video once (rank 0 computes the
 schedule and broadcasts it), and `scheduler.execute.DistributedTransport` moves what crosses ranks point to
 point: KV pages and latents between the ranks that produce and consume them, decoded segments to rank 0,
-which writes the video. NCCL on GPUs, gloo on CPU; multi-node through torchrun's rendezvous. Every wait on
+which writes the video, per peer in one order every rank derives from the schedule (NCCL matches messages in
+issue order and ignores tags). NCCL on GPUs (each rank's GPU made current and bound to the process group
+before anything runs), gloo on CPU; multi-node through torchrun's rendezvous. Every wait on
 a peer is bounded by the process group's timeout, so a failed rank ends the run on every rank with an error
 naming the peer, never a hang; rerunning the same command with ``--workdir`` resumes it.
 """
@@ -28,10 +30,23 @@ def init_from_env(device: str | None = None) -> bool:
         return dist.is_initialized()
     cuda = (device or "").startswith("cuda") or (device is None and torch.cuda.is_available())
     seconds = float(os.environ.get(TIMEOUT_ENV, "600"))
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=seconds))
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if cuda:  # the rank's GPU, current before the process group binds NCCL to it (device_id)
+        local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local)  # current device: the rank's, for NCCL and whatever uses the current one
+        dist.init_process_group("nccl", timeout=timedelta(seconds=seconds), device_id=local)
+    else:
+        dist.init_process_group("gloo", timeout=timedelta(seconds=seconds))
     return True
+
+
+def comm_device() -> torch.device:
+    """Where this rank's collective and point-to-point buffers live: under NCCL its GPU (``LOCAL_RANK``, the
+    device `init_from_env` binds), under gloo the CPU."""
+    if dist.get_backend() != "nccl":
+        return torch.device("cpu")
+    local = os.environ.get("LOCAL_RANK")
+    index = int(local) if local is not None else torch.cuda.current_device()  # current device: set by the caller
+    return torch.device("cuda", index)
 
 
 def rank() -> int:

@@ -21,7 +21,7 @@ import torch
 from .kernels import cfg_combine
 from .kv_pool import CrossAttentionCache, KVPool
 from .layouts import Layout
-from .model import CausalWanModel
+from .model import CausalWanModel, CrossKV
 from .sampling import Sampler
 
 
@@ -32,9 +32,18 @@ def noise_seed(seed: int, segment: int, stage: int, step: int) -> int:
 
 
 def keyed_noise(seed: int, segment: int, stage: int, step: int, shape: Sequence[int], device, dtype) -> torch.Tensor:
-    """Standard normal noise for one (segment, stage, step), drawn on the CPU then moved."""
+    """Standard normal noise for one (segment, stage, step), drawn on the CPU then moved.
+
+    The move to a GPU is asynchronous (from pinned memory), so drawing noise inside a denoising step does not
+    make the host wait for the GPU's queued work.
+    """
     gen = torch.Generator("cpu").manual_seed(noise_seed(seed, segment, stage, step))
-    return torch.randn(tuple(shape), generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+    noise = torch.randn(tuple(shape), generator=gen, dtype=torch.float32)
+    device = torch.device(device)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            noise = noise.pin_memory()  # current device: the noise's, set just above
+    return noise.to(device=device, dtype=dtype, non_blocking=True)
 
 
 @dataclass
@@ -107,6 +116,8 @@ class StageEngine:
         self.model_calls = 0
         self._pages: dict[int, list[int]] = {}  # segment index -> pool page of each of its frames
         self._page_lock = threading.Lock()
+        if isinstance(model, CausalWanModel):  # its RoPE table is built now, not inside the first denoising step
+            model.rope(model.device)
 
     @property
     def use_cfg(self) -> bool:
@@ -151,15 +162,24 @@ class StageEngine:
         read = [[self.pages(j)[f] for f in reads] for j in jobs]
         return {name: pool.view(frames, write, read) for name, pool in self.pools.items()}
 
-    def _call(self, jobs, views, x, t, branch: str) -> torch.Tensor:
-        keys = [j.prompt for j in jobs] if branch == "cond" else [self.negative_key] * len(jobs)
+    @property
+    def _branches(self) -> tuple[str, ...]:
+        return ("cond", "uncond") if self.use_cfg else ("cond",)
+
+    def _cross(self, jobs) -> dict[str, CrossKV]:
+        """Each branch's cross-attention K/V batch (one row per job), built once per stage and reused by every
+        step: concatenating every layer's text K/V costs a copy per layer."""
+        keys = {"cond": [j.prompt for j in jobs], "uncond": [self.negative_key] * len(jobs)}
+        return {branch: self.cross.batch(keys[branch]) for branch in self._branches}
+
+    def _call(self, views, cross, x, t, branch: str) -> torch.Tensor:
         timesteps = torch.full(x.shape[:2], float(t), device=x.device, dtype=torch.float32)
         self.model_calls += 1
-        return self.model(x, timesteps, self.cross.batch(keys), views[branch])
+        return self.model(x, timesteps, cross[branch], views[branch])
 
-    def _cache_pass(self, jobs, views, clean) -> None:
-        for branch in ("cond", "uncond") if self.use_cfg else ("cond",):
-            self._call(jobs, views, clean, 0.0, branch)
+    def _cache_pass(self, views, cross, clean) -> None:
+        for branch in self._branches:
+            self._call(views, cross, clean, 0.0, branch)
 
     @torch.no_grad()
     def run_stage(self, jobs: Sequence[SegmentJob], stage: int, callback: StepCallback | None = None) -> None:
@@ -174,10 +194,11 @@ class StageEngine:
         # The sampler state stays float32 whatever the model's dtype (the model casts its input), as the
         # reference keeps float32 latents between bf16 forwards.
         device, dtype = self.model.device, torch.float32
+        cross = self._cross(jobs)
 
         if given_here:  # re-encoded / user frames: only written into the cache
             clean = torch.stack([j.latents[given_here] for j in jobs]).to(device, dtype)
-            self._cache_pass(jobs, self._views(jobs, given_here, list(spec.reads)), clean)
+            self._cache_pass(self._views(jobs, given_here, list(spec.reads)), cross, clean)
         if todo:
             reads = list(spec.reads) + given_here
             shape = (len(todo), *jobs[0].latents.shape[1:])
@@ -185,12 +206,14 @@ class StageEngine:
                 [keyed_noise(self.seed, j.index, stage, step, shape, device, dtype) for j in jobs]
             )
             views = self._views(jobs, todo, reads)
-            run = self.sampler.start()
+            run = self.sampler.start(device)
             x = noise(0)
+            # A step makes no host sync: timesteps are host floats, the views, text K/V and sampler tables are
+            # already on the device, and keyed noise moves there asynchronously (tests/test_host_syncs.py).
             for i, t in enumerate(run.timesteps.tolist()):
-                v = self._call(jobs, views, x, t, "cond")
+                v = self._call(views, cross, x, t, "cond")
                 if self.use_cfg:
-                    v = cfg_combine(self._call(jobs, views, x, t, "uncond"), v, self.guidance)
+                    v = cfg_combine(self._call(views, cross, x, t, "uncond"), v, self.guidance)
                 x = run.step(i, x, v, lambda i=i: noise(i + 1))
                 if callback is not None:
                     replaced = callback(stage, i, t, x, v)
@@ -200,6 +223,6 @@ class StageEngine:
             for b, j in enumerate(jobs):
                 j.latents[todo] = clean[b].to(j.latents)
             if set(todo) & self._read_later[stage]:
-                self._cache_pass(jobs, views, clean)
+                self._cache_pass(views, cross, clean)
         for j in jobs:
             j.done.add(stage)

@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{measured.makespan:.1f} s")  # fmt: skip
         print(f"wrote {args.timeline}: the run's timeline, per device")
     if torch.cuda.is_available() and str(pipe.device).startswith("cuda"):
-        peak = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB GPU"
+        peak = f"{torch.cuda.max_memory_allocated(pipe.device) / 2**30:.2f} GiB GPU"
     else:
         peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB RSS"
     print(

@@ -214,8 +214,11 @@ class CrossAttentionCache:
         return self._entries[key]
 
     def batch(self, keys: Sequence[str]) -> CrossKV:
-        """Stack cached prompts into one batch (one row per segment)."""
+        """Stack cached prompts into one batch (one row per segment): a copy of every layer's K/V, so callers
+        build it once per stage (`StageEngine`), not per model call. One key returns the cached entry itself."""
         entries = [self._entries[k] for k in keys]
+        if len(entries) == 1:
+            return entries[0]
         return CrossKV(
             tuple(torch.cat([e.k[i] for e in entries]) for i in range(len(entries[0].k))),
             tuple(torch.cat([e.v[i] for e in entries]) for i in range(len(entries[0].v))),

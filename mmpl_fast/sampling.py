@@ -354,7 +354,8 @@ class Sampler:
     def steps(self) -> int:
         return self.num_steps
 
-    def start(self) -> SamplerRun:
+    def start(self, device: torch.device | str | None = None) -> SamplerRun:
+        """A fresh run for one stage; `device`: where its samples live (tables a step reads are kept there)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -392,7 +393,7 @@ class FewStepSampler(Sampler):
         """`FewStepSchedule.denoise`: ``(x0, x_next | None)`` for one step, stateless."""
         return self.schedule.denoise(x_t, v, step_index, noise, **kwargs)
 
-    def start(self) -> SamplerRun:
+    def start(self, device: torch.device | str | None = None) -> SamplerRun:
         return _FewStepRun(self)
 
     def __repr__(self) -> str:
@@ -402,9 +403,13 @@ class FewStepSampler(Sampler):
 class _DiffusersRun(SamplerRun):
     """A run driving one fresh diffusers scheduler (float32)."""
 
-    def __init__(self, sampler: _DiffusersSampler):
+    def __init__(self, sampler: _DiffusersSampler, device: torch.device | str | None = None):
         super().__init__(sampler)
         self.scheduler = sampler._fresh()
+        if device is not None and sampler.sigmas_on_device:
+            # UniPC copies sigma entries to the sample's device several times per step, each a blocking
+            # host-to-device copy (a host sync on a GPU); with the table there already they copy nothing.
+            self.scheduler.sigmas = self.scheduler.sigmas.to(device)
         self._last: tuple[torch.Tensor, torch.Tensor, float] | None = None
 
     @property
@@ -427,6 +432,8 @@ class _DiffusersRun(SamplerRun):
 
 
 class _DiffusersSampler(Sampler):
+    sigmas_on_device = False  # does a run keep the scheduler's sigma table on the samples' device?
+
     def __init__(self, steps: int, shift: float, num_train_timesteps: int):
         self.num_train_timesteps = _check_positive_int("num_train_timesteps", num_train_timesteps)
         steps = _check_positive_int("steps", steps)
@@ -447,8 +454,8 @@ class _DiffusersSampler(Sampler):
         sched.set_begin_index(0)
         return sched
 
-    def start(self) -> SamplerRun:
-        return _DiffusersRun(self)
+    def start(self, device: torch.device | str | None = None) -> SamplerRun:
+        return _DiffusersRun(self, device)
 
 
 class UniPCSampler(_DiffusersSampler):
@@ -459,6 +466,7 @@ class UniPCSampler(_DiffusersSampler):
     """
 
     kind = "unipc"
+    sigmas_on_device = True
 
     def __init__(self, steps: int = 50, shift: float = 5.0, num_train_timesteps: int = 1000):
         super().__init__(steps, shift, num_train_timesteps)

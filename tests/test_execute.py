@@ -14,7 +14,7 @@ from mmpl_fast.chain import ChainPlan
 from mmpl_fast.layouts import mmpl
 from mmpl_fast.pipeline import Pipeline
 from mmpl_fast.scheduler import HOST, CostModel, ProfileCache, build_dag, plot_timeline, schedule, simulated_devices
-from mmpl_fast.scheduler.execute import Executor, TensorSpec
+from mmpl_fast.scheduler.execute import DistributedTransport, Executor, TensorSpec
 
 COSTS = CostModel()
 
@@ -111,6 +111,203 @@ def test_stopping_the_caller_early_stops_the_workers():
     next(run)
     run.close()  # the consumer went away (e.g. an exception in its loop)
     assert sum(1 for t in dag.tasks if not t.on_host) > len(work.ran)
+
+
+# --- the message order, and the torch.distributed transport under NCCL's semantics (ranks as threads) -------------
+class Ranks:
+    """`crosses` / `local` of a multi-process run seen from one rank (device i = rank i, the host on rank 0)."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    @staticmethod
+    def rank_of(device):
+        return 0 if device == HOST else device
+
+    def local(self, device):
+        return self.rank_of(device) == self.rank
+
+    def crosses(self, src, dst):
+        return self.rank_of(src) != self.rank_of(dst)
+
+
+def _positions(sched):
+    """task -> (device, place of its launch in the device's order); the host's placements count one by one."""
+    ex = Executor(sched, RecordingWork(sched.dag))
+    pos = {}
+    for d in range(len(sched.devices)):
+        for k, launch in enumerate(ex._launches(d)):
+            pos.update({p.task.index: (d, k) for p in launch})
+    for k, p in enumerate(p for p in sched.placements if p.device == HOST):
+        pos[p.task.index] = (HOST, k)
+    return pos
+
+
+def _edge_key(dag, edge) -> int:
+    return next(k for k, e in enumerate(dag.edges) if e is edge)
+
+
+@pytest.mark.parametrize("devices, policy", [(2, "adaptive"), (3, "adaptive"), (3, "round-robin"), (4, "cp-first")])
+def test_message_order_never_needs_a_message_after_one_the_receiver_still_has_to_send(devices, policy):
+    dag = build_dag("mmpl", 5)
+    sched = schedule(dag, COSTS, simulated_devices(devices), policy, [4] * devices)
+    work = RecordingWork(dag)
+    msgs = Executor(sched, work, Ranks(0)).messages()
+    pos = _positions(sched)
+    crossing = [
+        e for e in dag.edges if work.payload(e) and Ranks.rank_of(pos[e.src][0]) != Ranks.rank_of(pos[e.dst][0])
+    ]
+    assert sorted(m.key for m in msgs) == sorted(_edge_key(dag, e) for e in crossing)  # each crossing edge once
+    for i, early in enumerate(msgs):
+        (src_dev, src_launch) = pos[early.edge.src]
+        for late in msgs[i + 1 :]:  # a device never needs `late` in a launch before (or in) the one that sends `early`
+            dst_dev, dst_launch = pos[late.edge.dst]
+            assert not (dst_dev == src_dev and dst_launch <= src_launch), (early.edge, late.edge)
+
+
+class FakeNccl:
+    """torch.distributed's point-to-point calls with NCCL's semantics, for ranks that are threads of one process.
+
+    Tags are ignored: the k-th send from a to b is the k-th receive b posts from a (shapes must agree). Each rank's
+    operations with one peer complete in issue order (one stream per pair), and a pair of matched operations
+    completes only when both are first in line on their sides, so crossing sends deadlock as on GPUs (a wait
+    then raises after `timeout` seconds).
+    """
+
+    def __init__(self, timeout: float = 20.0):
+        self.cond = threading.Condition()
+        self.timeout = timeout
+        self.sends: dict[tuple[int, int], list] = {}  # (src, dst) -> operations in issue order
+        self.recvs: dict[tuple[int, int], list] = {}
+        self.lines: dict[tuple[int, int], list] = {}  # (rank, peer) -> that rank's operations with peer, in order
+        self.errors: list[str] = []
+
+    class Op:
+        def __init__(self, fake, tensor):
+            self.fake, self.tensor, self.done = fake, tensor, False
+
+        def is_completed(self):
+            with self.fake.cond:
+                return self.done
+
+        def wait(self):
+            with self.fake.cond:
+                if not self.fake.cond.wait_for(lambda: self.done, self.fake.timeout):
+                    raise RuntimeError("point-to-point wait timed out (NCCL would hang here)")
+
+    def _issue(self, rank, peer, tensor, table, key):
+        with self.cond:
+            op = self.Op(self, tensor)
+            table.setdefault(key, []).append(op)
+            self.lines.setdefault((rank, peer), []).append(op)
+            self._progress()
+            return op
+
+    def _first_pending(self, line):
+        return next((op for op in line if not op.done), None)
+
+    def _progress(self):
+        moved = True
+        while moved:
+            moved = False
+            for (src, dst), sends in self.sends.items():
+                for k, send in enumerate(sends):
+                    recvs = self.recvs.get((src, dst), [])
+                    if send.done or k >= len(recvs):
+                        continue
+                    recv = recvs[k]
+                    heads = (self._first_pending(self.lines[src, dst]), self._first_pending(self.lines[dst, src]))
+                    if heads == (send, recv):
+                        if send.tensor.shape != recv.tensor.shape or send.tensor.dtype != recv.tensor.dtype:
+                            self.errors.append(f"{src}->{dst} message {k}: {tuple(send.tensor.shape)} into "
+                                               f"{tuple(recv.tensor.shape)}")  # fmt: skip
+                        else:
+                            recv.tensor.copy_(send.tensor)
+                        send.done = recv.done = moved = True
+        self.cond.notify_all()
+
+    def rank(self, r: int):
+        fake = self
+
+        class View:
+            get_rank = staticmethod(lambda: r)
+            get_backend = staticmethod(lambda: "gloo")
+
+            @staticmethod
+            def isend(tensor, dst, tag=0):
+                return fake._issue(r, dst, tensor, fake.sends, (r, dst))
+
+            @staticmethod
+            def irecv(tensor, src, tag=0):
+                return fake._issue(r, src, tensor, fake.recvs, (src, r))
+
+            @staticmethod
+            def send(tensor, dst, tag=0):
+                View.isend(tensor, dst).wait()
+
+            @staticmethod
+            def recv(tensor, src, tag=0):
+                View.irecv(tensor, src).wait()
+
+        return View
+
+
+def test_fake_nccl_deadlocks_on_crossing_sends():
+    fake = FakeNccl(timeout=0.5)
+    a, b = fake.rank(0), fake.rank(1)
+    a.isend(torch.ones(3), 1), b.isend(torch.ones(3), 0)  # both send first ...
+    got = a.irecv(torch.zeros(3), 1)
+    b.irecv(torch.zeros(3), 0)
+    with pytest.raises(RuntimeError, match="timed out"):  # ... and neither send can complete
+        got.wait()
+
+
+class KeyedWork(RecordingWork):
+    """Every edge carries a tensor of its own shape filled with its edge number; receivers check both."""
+
+    def payload(self, edge):
+        return [TensorSpec((1 + edge.src % 3, 2)), TensorSpec((3,))] if edge.kind in ("stage", "chain", "decode",
+                                                                                         "write") else []  # fmt: skip
+
+    def export(self, edge, device):
+        key = float(_edge_key(self.dag, edge))
+        return [torch.full(s.shape, key) for s in self.payload(edge)]
+
+    def accept(self, edge, device, tensors):
+        key = float(_edge_key(self.dag, edge))
+        assert all(bool((t == key).all()) for t in tensors), f"{edge} got another edge's data"
+        super().accept(edge, device, tensors)
+
+
+@pytest.mark.parametrize("devices, policy", [(2, "adaptive"), (3, "adaptive"), (3, "round-robin"), (4, "cp-first")])
+def test_distributed_transport_is_correct_under_nccl_semantics(devices, policy):
+    dag = build_dag("mmpl", 5)
+    sched = schedule(dag, COSTS, simulated_devices(devices), policy, [4] * devices)
+    fake, work, errors = FakeNccl(), KeyedWork(dag), []
+    writes = []
+
+    def rank(r):
+        try:
+            ex = Executor(sched, work, DistributedTransport(comm=fake.rank(r)))
+            for p in ex.run():
+                got = ex.host_inputs(p)  # the writer's data from other ranks
+                assert all(float(t.flatten()[0]) == _edge_key(dag, e) for e in dag.preds[p.task.index]
+                           if e.src in got for t in got[e.src])  # fmt: skip
+                work.done.add(p.task.index)
+                writes.append(p.task.segment)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(f"rank {r}: {e!r}")
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(devices)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert fake.errors == [], fake.errors  # messages paired with the wrong buffers
+    assert errors == [], errors
+    assert writes == list(range(5))
+    assert len(work.ran) == sum(1 for t in dag.tasks if not t.on_host)
+    assert any(fake.sends.get((b, a)) for a, b in fake.sends)  # data went both ways between two ranks
 
 
 # --- the pipeline -------------------------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ def measure_profile(
     if not todo and not vae_todo:
         return profile
 
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     dtype = getattr(torch, workload.dtype)
     cfg = workload.config
     lh, lw = workload.latent_size

@@ -61,6 +61,7 @@ from tqdm.auto import tqdm
 
 from ..components import VideoVAE
 from ..config import ModelConfig, resolve_config
+from ..kernels import use_backend
 from ..kv_pool import KVPool
 from ..layouts import Layout, Stage, get_layout
 from ..model import CausalWanModel, CrossKV
@@ -424,7 +425,8 @@ def teacher_forcing_loss(
     t_call = torch.where(noisy[None], timesteps.to(torch.float32)[:, order], 0.0)  # [B, 2N]
     pool = KVPool.for_model(model, b * 2 * n, model.config.tokens_per_frame(h, w))  # fresh: k/v keep their grads
     view = pool.view(seq.frames, [list(range(i * 2 * n, (i + 1) * 2 * n)) for i in range(b)], groups=seq.groups)
-    v = model(x_call, t_call, cross, view)
+    with use_backend("torch"):  # the Triton ops have no autograd: training runs the torch references, also on CUDA
+        v = model(x_call, t_call, cross, view)
     target = (noise - x0)[:, order]
     return F.mse_loss(v[:, noisy].float(), target[:, noisy].float())
 
