@@ -68,8 +68,9 @@ class Row:
     kernel: str
     arch: int
     dtype: str
-    config: str
-    default: bool
+    config: str  # tiles, warps, stages and the constexprs that make this variant
+    default: bool  # the configuration the launcher uses (else one the autotuner may pick)
+    tiles: str = ""  # tiles, warps and stages alone
     problems: list[str] = field(default_factory=list)
     registers: int | None = None
     spill_bytes: int | None = None
@@ -349,7 +350,7 @@ def run_check(archs: Sequence[int], dtypes: Sequence[str], quick: bool = False, 
                         label = _label(launch, config)
                         key = (launch.name, arch, dtype_name, label, _signature(launch))
                         if key not in rows:
-                            row = Row(launch.name, arch, dtype_name, label, default=i == 0)
+                            row = Row(launch.name, arch, dtype_name, label, default=i == 0, tiles=str(config))
                             rows[key] = compile_row(launch, config, arch, row)
                         rows[key].problems.append(problem.shape)
     return list(rows.values())
@@ -370,8 +371,8 @@ def _signature(launch: Launch) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ report
-def table(rows: Sequence[Row], markdown: bool = False) -> str:
-    """The rows as a text (or markdown) table, kernel by kernel."""
+def table(rows: Sequence[Row]) -> str:
+    """Every row as a text table, kernel by kernel."""
     head = ["kernel", "arch", "dtype", "configuration", "regs", "spill B", "smem KiB", "tensor cores", "serves"]
     lines = []
     for r in sorted(rows, key=lambda r: (r.kernel, r.dtype, r.arch, not r.default, r.config)):
@@ -380,12 +381,37 @@ def table(rows: Sequence[Row], markdown: bool = False) -> str:
         serves = f"{len(r.problems)} shapes" if len(r.problems) > 2 else ", ".join(r.problems)
         lines.append([r.kernel.strip("_"), f"sm_{r.arch}", r.dtype, r.config, *usage, r.tensor_cores, serves, status])
     head.append("status")
-    if markdown:
-        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        return "\n".join(out + ["| " + " | ".join(line) + " |" for line in lines])
     widths = [max(len(x) for x in col) for col in zip(head, *lines)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join(fmt.format(*line) for line in [head, *lines])
+
+
+def summary(rows: Sequence[Row]) -> str:
+    """Markdown, one line per kernel, dtype and default tiles, one column per arch: the worst registers, spills
+    and shared memory over the variants (specialisations, shapes) that use those tiles, and the tensor cores."""
+    archs = sorted({r.arch for r in rows})
+    groups: dict[tuple[str, str, str], dict[int, list[Row]]] = {}
+    order = {"bf16": 0, "fp16": 1, "fp32": 2}
+    for r in sorted(rows, key=lambda r: (r.kernel, order[r.dtype], r.tiles)):
+        if r.default:
+            groups.setdefault((r.kernel.strip("_").removesuffix("_kernel"), r.dtype, r.tiles), {}).setdefault(
+                r.arch, []
+            ).append(r)
+    lines = ["| kernel | dtype | tiles, warps, stages | " + " | ".join(f"sm_{a}" for a in archs) + " |"]
+    lines.append("|" + "---|" * (3 + len(archs)))
+    for (kernel, dtype, tiles), by_arch in groups.items():
+        cells = []
+        for a in archs:
+            rs = by_arch.get(a, [])
+            if not rs or any(r.error for r in rs):
+                cells.append("compile error" if rs else "-")
+                continue
+            tc = "/".join(sorted({r.tensor_cores for r in rs} - {"-"})) or "no dot"
+            regs, spill = max(r.registers for r in rs), max(r.spill_bytes for r in rs)
+            smem = max(r.shared_bytes for r in rs) / 1024
+            cells.append(f"{regs} regs, {spill} B spill, {smem:.0f} KiB, {tc}")
+        lines.append(f"| {kernel} | {dtype} | {tiles} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _parse_list(text: str, allowed: Sequence, kind: Callable, what: str) -> list:
@@ -412,7 +438,7 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--op", default=[], type=lambda s: _parse_list(s, ops, str, "--op"), help="only these ops")
     p.add_argument("--quick", action="store_true", help="one representative configuration per kernel and arch (CI)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
-    p.add_argument("--markdown", action="store_true", help="print a markdown table")
+    p.add_argument("--markdown", action="store_true", help="print a markdown summary (the README's table)")
     return p.parse_args(argv)  # fmt: skip
 
 
@@ -436,12 +462,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     import triton
 
     if args.json:
-        summary = {"triton": triton.__version__, "date": time.strftime("%Y-%m-%d"), "archs": args.arch,
+        report = {"triton": triton.__version__, "date": time.strftime("%Y-%m-%d"), "archs": args.arch,
                    "seconds": round(time.perf_counter() - t0, 1), "ok": not failed,
                    "rows": [{**asdict(r), "failures": r.failures()} for r in rows]}  # fmt: skip
-        print(json.dumps(summary, indent=1))
+        print(json.dumps(report, indent=1))
     else:
-        print(table(rows, markdown=args.markdown))
+        print(summary(rows) if args.markdown else table(rows))
         print(f"\n{len(rows)} configurations, {len(failed)} failures, {time.perf_counter() - t0:.0f} s "
               f"(triton {triton.__version__})")  # fmt: skip
     for r, why in failed:
