@@ -75,7 +75,7 @@ def _old_gpu(tensors: tuple[torch.Tensor, ...]) -> str | None:
     from ._launch import _capability  # a cached device query, made only for CUDA tensors
 
     for t in tensors:
-        if t.is_cuda and t.device.type == "cuda":
+        if t.is_cuda:
             index = t.device.index if t.device.index is not None else torch.cuda.current_device()
             if _capability(index) < 80:
                 return f"{t.device} has compute capability {_capability(index) / 10:.1f}; the kernels need 8.0+"

@@ -350,10 +350,17 @@ def run_check(archs: Sequence[int], dtypes: Sequence[str], quick: bool = False, 
                         label = _label(launch, config)
                         key = (launch.name, arch, dtype_name, label, _signature(launch))
                         if key not in rows:
-                            row = Row(launch.name, arch, dtype_name, label, default=i == 0, tiles=str(config))
+                            tiles = _tiles(launch, config)
+                            row = Row(launch.name, arch, dtype_name, label, default=i == 0, tiles=tiles)
                             rows[key] = compile_row(launch, config, arch, row)
                         rows[key].problems.append(problem.shape)
     return list(rows.values())
+
+
+def _tiles(launch: Launch, config: Config) -> str:
+    """The configuration, with the head-dim tile where the kernel has one (it picks the table row)."""
+    d = launch.constexprs.get("BLOCK_D")
+    return f"{config} (D={d})" if d is not None and "BLOCK_D" not in config.meta else str(config)
 
 
 def _signature(launch: Launch) -> str:

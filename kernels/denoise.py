@@ -22,7 +22,8 @@ Shapes:
 
 Limits (what the tests cover): fp32 and fp16 everywhere (the Triton interpreter included), bf16 on CUDA
 only; float64 math in Triton (CUDA and the interpreter support it). Non-contiguous inputs are copied
-once before the Triton launch. At most 65535 rows (B * F) when sigmas are per row.
+once before the Triton launch. At most 65535 rows (B * F) when sigmas are per row. The interpreter tests
+also run the GPU block size of `CONFIGS` with ragged last blocks.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ Shapes:
 Limits (what the tests cover): norm_modulate holds a row in one Triton program, so C <= 8192 there
 (Wan-14B has 5120; the launcher raises above); gated_residual tiles C and has no limit. Any C (48, 96,
 ...), any T, any strides for every input (modulation rows are often chunks of a [B, F, 6, C] tensor).
-fp32 and fp16 everywhere (the Triton interpreter included), bf16 on CUDA only. Outputs are contiguous.
+fp32 and fp16 everywhere (the Triton interpreter included, also with the GPU tiles of the launch tables:
+Wan's 1536 and 5120 channels, ragged row and channel tiles), bf16 on CUDA only. Outputs are contiguous.
 """
 
 from __future__ import annotations

@@ -21,9 +21,10 @@ Shapes:
 Limits (what the tests cover): positions must be < max_pos (checked by the caller on host values; the
 table does not wrap, and the Triton kernel does not bounds-check it). fp32 and fp16 everywhere (the Triton
 interpreter included), bf16 on CUDA only; any even head dim (the Triton path pads D to a power of two),
-any T. q, k, v may be strided views (e.g. of a fused qkv projection); the pools need a contiguous head
-dim. Both paths round rotated k to k's dtype before storing it in the pool's dtype. Duplicate pages in
-`write_pages` leave an unspecified one of the writes.
+any T; in the interpreter also with the GPU tiles (`CONFIGS`): ragged token tiles and head groups. q, k, v
+may be strided views (e.g. of a fused qkv projection); the pools need a contiguous head dim. Both paths
+round rotated k to k's dtype before storing it in the pool's dtype. Duplicate pages in `write_pages` leave
+an unspecified one of the writes.
 """
 
 from __future__ import annotations

@@ -21,8 +21,16 @@ several groups are read in place. A group with no pages returns zeros.
 
 Limits (what the tests cover): fp32 and fp16 everywhere (the Triton interpreter included); bf16 on
 CUDA only; head dims up to 256 (the Triton path pads D to a power of two); any T (tiles are masked
-at page ends, e.g. T = 1560 with 64-token tiles); groups of unequal length and page count.
+at page ends); groups of unequal length and page count. The interpreter tests run the kernel both with
+its interpreter tiles and with every GPU configuration of `CONFIGS` (fp16 stands for bf16: they share
+rows): two query tiles and two key tiles per page with ragged last tiles, pages out of pool order, an
+empty group, and a whole 1560-token frame at head dim 128 with sm_90's 128 x 64 tiles (13 x 25 tiles).
 The Triton kernel keeps the online softmax in fp32.
+
+Launch configurations: `CONFIGS`, one table per (arch, dtype, head-dim bound), proven by
+``python -m mmpl_fast.kernels.compile_check`` (no spills, shared memory within each arch's limit, tensor
+cores in bf16/fp16). fp32 runs too, with small no-tensor-core tiles (IEEE dots, exact but slow) that fit
+every arch; use bf16/fp16 on a GPU for speed.
 """
 
 from __future__ import annotations

@@ -474,3 +474,35 @@ def test_bad_backend_name_raises(monkeypatch):
     monkeypatch.setenv("MMPL_FAST_BACKEND", "fast")
     with pytest.raises(ValueError, match="MMPL_FAST_BACKEND"):
         cfg_combine(torch.zeros(2), torch.zeros(2), 1.0)
+
+
+class _CudaLike:
+    """Stands in for a CUDA tensor in `resolve` (which reads only `is_cuda` and `device`)."""
+
+    is_cuda = True
+
+    def __init__(self, index: int):
+        self.device = torch.device("cuda", index)
+
+
+@pytest.mark.parametrize("capability, want", [(75, "torch"), (80, "triton"), (86, "triton"), (90, "triton")])
+def test_auto_sends_gpus_before_sm80_to_torch(capability, want, monkeypatch):
+    """The launch tables start at sm_80: older GPUs take the torch backend, and forcing Triton there raises."""
+    from mmpl_fast.kernels import _launch
+
+    monkeypatch.setattr(_dispatch, "interpreting", lambda: False)
+    monkeypatch.setattr(_launch, "_capability", lambda index: capability if index == 1 else 90)
+    monkeypatch.delenv("MMPL_FAST_BACKEND", raising=False)
+    assert _dispatch.resolve("stage_attention", _CudaLike(1)) == want
+    assert _dispatch.resolve("stage_attention", _CudaLike(0)) == "triton"
+    if want == "torch":
+        with use_backend("triton"), pytest.raises(RuntimeError, match=r"cuda:1 has compute capability 7\.5"):
+            _dispatch.resolve("stage_attention", _CudaLike(1))
+
+
+def test_table_arch_maps_gpus_to_proven_rows():
+    from mmpl_fast.kernels._launch import table_arch
+
+    assert [table_arch(c) for c in (80, 86, 87, 89, 90, 100, 120)] == [80, 89, 80, 89, 90, 89, 89]
+    with pytest.raises(RuntimeError, match="8.0 or newer"):
+        table_arch(75)
