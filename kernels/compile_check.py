@@ -404,7 +404,8 @@ def summary(rows: Sequence[Row]) -> str:
             groups.setdefault((r.kernel.strip("_").removesuffix("_kernel"), r.dtype, r.tiles), {}).setdefault(
                 r.arch, []
             ).append(r)
-    lines = ["| kernel | dtype | tiles, warps, stages | " + " | ".join(f"sm_{a}" for a in archs) + " |"]
+    head = " | ".join(f"sm_{a}: regs / spill B / smem KiB / tensor cores" for a in archs)
+    lines = [f"| kernel | dtype | tiles, warps, stages | {head} |"]
     lines.append("|" + "---|" * (3 + len(archs)))
     for (kernel, dtype, tiles), by_arch in groups.items():
         cells = []
@@ -413,10 +414,10 @@ def summary(rows: Sequence[Row]) -> str:
             if not rs or any(r.error for r in rs):
                 cells.append("compile error" if rs else "-")
                 continue
-            tc = "/".join(sorted({r.tensor_cores for r in rs} - {"-"})) or "no dot"
+            tc = "/".join(sorted({r.tensor_cores for r in rs} - {"-"})) or "-"
             regs, spill = max(r.registers for r in rs), max(r.spill_bytes for r in rs)
             smem = max(r.shared_bytes for r in rs) / 1024
-            cells.append(f"{regs} regs, {spill} B spill, {smem:.0f} KiB, {tc}")
+            cells.append(f"{regs} / {spill} / {smem:.0f} / {tc}")
         lines.append(f"| {kernel} | {dtype} | {tiles} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
