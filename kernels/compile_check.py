@@ -26,6 +26,7 @@ This is a tool, not a kernel: it reads the Wan presets (`mmpl_fast.config`) and 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -230,9 +231,10 @@ def _denoise_problems() -> Iterator[Problem]:
     yield Problem("cfg_combine", "latents", lambda d: cfg_combine_triton(x(d), x(d), 5.0), True)
 
 
-def problems() -> list[Problem]:
+@functools.cache
+def problems() -> tuple[Problem, ...]:
     """Every launcher call the check makes, per op."""
-    return [*_attention_problems(), *_rope_problems(), *_row_problems(), *_denoise_problems()]
+    return (*_attention_problems(), *_rope_problems(), *_row_problems(), *_denoise_problems())
 
 
 # ------------------------------------------------------------------------------------------- compiling
@@ -336,25 +338,49 @@ def _label(launch: Launch, config: Config) -> str:
     return " ".join([str(config), *extra])
 
 
-def run_check(archs: Sequence[int], dtypes: Sequence[str], quick: bool = False, ops: Sequence[str] = ()) -> list[Row]:
-    """Compile every (problem, arch, dtype) launch and each configuration its table offers; one row per variant."""
+def run_check(
+    archs: Sequence[int], dtypes: Sequence[str], quick: bool = False, ops: Sequence[str] = (), jobs: int = 1
+) -> list[Row]:
+    """Compile every (problem, arch, dtype) launch and each configuration its table offers; one row per variant
+    (launches that compile alike are compiled once). ``jobs > 1`` compiles in that many processes."""
     rows: dict[tuple, Row] = {}
-    for problem in problems():
+    todo: list[tuple[tuple, tuple]] = []  # (row key, job) for each variant to compile
+    for index, problem in enumerate(problems()):
         if (quick and not problem.quick) or (ops and problem.op not in ops):
             continue
         for dtype_name in dtypes:
             for arch in archs:
-                for launch in record(problem, arch, DTYPES[dtype_name]):
+                for n, launch in enumerate(record(problem, arch, DTYPES[dtype_name])):
                     configs = launch.configs[:1] if quick else launch.configs
                     for i, config in enumerate(configs):
                         label = _label(launch, config)
                         key = (launch.name, arch, dtype_name, label, _signature(launch))
                         if key not in rows:
                             tiles = _tiles(launch, config)
-                            row = Row(launch.name, arch, dtype_name, label, default=i == 0, tiles=tiles)
-                            rows[key] = compile_row(launch, config, arch, row)
+                            rows[key] = Row(launch.name, arch, dtype_name, label, default=i == 0, tiles=tiles)
+                            todo.append((key, (index, dtype_name, arch, n, i)))
                         rows[key].problems.append(problem.shape)
+    if jobs > 1:
+        import concurrent.futures
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited threads or CUDA state
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+            done = pool.map(_compile_job, [job for _, job in todo], [rows[key] for key, _ in todo])
+            for (key, _), row in zip(todo, done):
+                rows[key] = row
+    else:
+        for key, job in todo:
+            rows[key] = _compile_job(job, rows[key])
     return list(rows.values())
+
+
+def _compile_job(job: tuple, row: Row) -> Row:
+    """Compile one variant, given as (problem index, dtype name, arch, launch index, config index)."""
+    index, dtype_name, arch, n, i = job
+    warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
+    launch = record(problems()[index], arch, DTYPES[dtype_name])[n]
+    return compile_row(launch, launch.configs[i], arch, row)
 
 
 def _tiles(launch: Launch, config: Config) -> str:
@@ -445,6 +471,7 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bf16,fp16,fp32", type=lambda s: _parse_list(s, tuple(DTYPES), str, "--dtype"))
     p.add_argument("--op", default=[], type=lambda s: _parse_list(s, ops, str, "--op"), help="only these ops")
     p.add_argument("--quick", action="store_true", help="one representative configuration per kernel and arch (CI)")
+    p.add_argument("--jobs", type=int, default=1, help="compile in this many processes (default 1)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--markdown", action="store_true", help="print a markdown summary (the README's table)")
     return p.parse_args(argv)  # fmt: skip
@@ -465,7 +492,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return subprocess.run([sys.executable, "-m", "mmpl_fast.kernels.compile_check", *argv], env=env).returncode
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")  # Triton 3.9's notice, not ours
     t0 = time.perf_counter()
-    rows = run_check(args.arch, ["bf16"] if args.quick else args.dtype, quick=args.quick, ops=args.op)
+    rows = run_check(args.arch, ["bf16"] if args.quick else args.dtype, args.quick, args.op, max(1, args.jobs))
     failed = [(r, f) for r in rows for f in r.failures()]
     import triton
 

@@ -146,3 +146,32 @@ def test_the_guard_is_torch_cuda_device_for_cuda_tensors_only():
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1  # constructing it touches no GPU
     assert not isinstance(_launch.device_guard(torch.device("cpu")), torch.cuda.device)
     assert not isinstance(_launch.device_guard(torch.device("meta")), torch.cuda.device)
+
+
+def test_autotune_is_opt_in_and_offers_only_the_proven_configs(guards, pinned, monkeypatch):
+    """With MMPL_FAST_AUTOTUNE=1 on a GPU, stage attention's launch goes to a triton.autotune over exactly its
+    table row, inside the guard (a stand-in autotuner records what it is given)."""
+    import importlib
+
+    sa_mod = importlib.import_module("mmpl_fast.kernels.stage_attention")
+    made = []
+
+    class StandIn:
+        def __init__(self, kernel, configs, key):
+            made.append((kernel, configs, key))
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: made.append((len(_INSIDE), grid({"BLOCK_M": 128}), sorted(kwargs)))
+
+    monkeypatch.setattr(_launch, "_autotuner", StandIn)
+    monkeypatch.setenv(_launch.AUTOTUNE_ENV, "1")
+    with FakeTensorMode(allow_non_fake_inputs=True), _launch.target_arch(80):
+        table = PageTable.build([[0, 1]], 200, device=DEV)
+        q, pool = torch.empty(200, 2, 128, device=DEV, dtype=torch.bfloat16), torch.empty(2, 8, 2, 128, device=DEV)
+        stage_attention_triton(q, pool.bfloat16(), pool.bfloat16(), table)
+    (kernel, configs, key), (depth, grid, kwargs) = made
+    assert kernel is sa_mod._stage_attention_kernel and configs == sa_mod.CONFIGS[(80, "bf16", 128)]
+    assert len(configs) > 1 and key == ("tokens_per_page", "head_dim")
+    assert depth == 1 and grid == (2, 1, 2) and kwargs == ["BLOCK_D", "EVEN_D", "IEEE"]
+    monkeypatch.setenv(_launch.AUTOTUNE_ENV, "0")
+    assert not _launch.autotune_enabled()

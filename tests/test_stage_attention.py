@@ -394,6 +394,8 @@ def test_triton_gpu_tiles_match_float64(dtype_name, head_dim, config, monkeypatc
     """Each GPU configuration of the table (defaults and autotune candidates): several query and key tiles,
     ragged last tiles, pages out of order, an empty group, against the float64 reference."""
     dtype = {"fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+    if DEVICE == "cuda" and config not in sa_mod.launch_configs(head_dim, dtype, torch.device(DEVICE)):
+        pytest.skip("a configuration of another GPU's row (it may not fit this GPU's shared memory)")
     monkeypatch.setattr(sa_mod, "launch_configs", lambda *_: (config,))
     case = _tile_case(head_dim, config)
     q, k_pool, v_pool, table = case.make(dtype)
