@@ -7,6 +7,8 @@ also the CPU backend). The choice is made here, in one place:
   with ``TRITON_INTERPRET=1`` Triton also runs on CPU tensors (slowly), which is how the tests exercise it.
 * ``MMPL_FAST_BACKEND=torch|triton`` in the environment, or ``with use_backend("triton"):``, forces one.
   A forced backend that cannot run raises ``RuntimeError`` saying why.
+* GPUs before sm_80 (no bf16 tensor cores; the launch tables start at sm_80, see `_launch`) take the torch
+  backend under ``auto``; forcing Triton there raises.
 
 Nothing here touches CUDA at import time.
 """
@@ -68,20 +70,33 @@ def use_backend(name: str) -> Iterator[None]:
         _override.reset(token)
 
 
+def _old_gpu(tensors: tuple[torch.Tensor, ...]) -> str | None:
+    """Why the tensors' GPU cannot run the Triton kernels (before sm_80: no bf16 tensor cores), else None."""
+    from ._launch import _capability  # a cached device query, made only for CUDA tensors
+
+    for t in tensors:
+        if t.is_cuda:
+            index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+            if _capability(index) < 80:
+                return f"{t.device} has compute capability {_capability(index) / 10:.1f}; the kernels need 8.0+"
+    return None
+
+
 def resolve(op: str, *tensors: torch.Tensor) -> str:
     """Return ``"torch"`` or ``"triton"`` for a call of `op` on `tensors`."""
     want = requested_backend()
-    on_cuda = all(t.is_cuda for t in tensors)
-    runnable = triton_available() and (on_cuda or interpreting())
     if want == "torch":
         return "torch"
+    on_cuda = all(t.is_cuda for t in tensors)
+    why = None
+    if not triton_available():
+        why = "triton does not import"
+    elif not (on_cuda or interpreting()):
+        why = "its tensors are on the CPU (set TRITON_INTERPRET=1 before importing to run Triton there)"
+    elif on_cuda and not interpreting():
+        why = _old_gpu(tensors)
     if want == "triton":
-        if not runnable:
-            why = (
-                "triton does not import"
-                if not triton_available()
-                else ("its tensors are on the CPU (set TRITON_INTERPRET=1 before importing to run Triton there)")
-            )
+        if why is not None:
             raise RuntimeError(f"{op}: the triton backend was forced but cannot run: {why}")
         return "triton"
-    return "triton" if (runnable and on_cuda) else "torch"
+    return "triton" if (why is None and on_cuda) else "torch"

@@ -22,16 +22,20 @@ Shapes:
 
 Limits (what the tests cover): fp32 and fp16 everywhere (the Triton interpreter included), bf16 on CUDA
 only; float64 math in Triton (CUDA and the interpreter support it). Non-contiguous inputs are copied
-once before the Triton launch. At most 65535 rows (B * F) when sigmas are per row.
+once before the Triton launch. At most 65535 rows (B * F) when sigmas are per row. The interpreter tests
+also run the GPU block size of `CONFIGS` with ragged last blocks.
 """
 
 from __future__ import annotations
 
 import numbers
 
+import numpy as np
 import torch
 
 from ._dispatch import resolve, triton_available
+from ._launch import DTYPE_NAMES, TABLE_ARCHS, launch, launch_arch, pick, to_device
+from ._launch import Config as _C
 
 if triton_available():
     import triton
@@ -250,7 +254,7 @@ if triton is not None:
 
 def _hi_lo(value: float) -> tuple[float, float]:
     """Split a host float into fp32 hi + lo so a kernel can rebuild it in fp64 (Triton passes floats as fp32)."""
-    hi = float(torch.tensor(value, dtype=torch.float32))
+    hi = float(np.float32(value))
     return hi, value - hi
 
 
@@ -268,22 +272,36 @@ def _sigma_args(sigma: Sigma | None, x: torch.Tensor, rank: int) -> tuple[torch.
     """(pointer, stride over B, stride over F, hi, lo) of one sigma: a per-row tensor or a host float."""
     if not isinstance(sigma, torch.Tensor):
         return x, 0, 0, *_hi_lo(float(sigma or 0.0))
-    s = sigma.to(x.device)
+    s = to_device(sigma, x.device)
     s = s.reshape(tuple(s.shape) + (1,) * (rank - s.dim())).expand(x.shape[:rank])  # [B] broadcasts over F: stride 0
     strides = [*s.stride(), 0, 0]
     return s, strides[0], strides[1], 0.0, 0.0
 
 
-def _block(inner: int, on_cuda: bool) -> tuple[int, int]:
-    """(BLOCK, num_warps)."""
-    if not on_cuda:  # interpreter: few, large programs
-        return min(16384, triton.next_power_of_2(max(inner, 1))), 1
-    return min(2048, max(128, triton.next_power_of_2(inner))), 4
+# The launch table: (arch, dtype of x) -> configuration (see `_launch`; the compile check proves every entry
+# at Wan latent sizes). A program handles BLOCK elements of one row (of the whole tensor for cfg_combine);
+# BLOCK shrinks to the row, not below 128. The interpreter's row (arch None) favours few, large programs.
+CONFIGS: dict[tuple, _C] = {
+    (None,): _C.of(1, 1, BLOCK=16384),
+    **{(arch, dt): _C.of(4, 1, BLOCK=2048) for arch in TABLE_ARCHS for dt in DTYPE_NAMES.values()},
+}
+
+
+def launch_config(inner: int, dtype: torch.dtype, device: torch.device, op: str) -> _C:
+    """The table's configuration for x's dtype and device, BLOCK shrunk to rows of `inner` elements."""
+    arch = launch_arch(device)
+    cfg = pick(CONFIGS, arch, dtype, op)
+    floor = 1 if arch is None else 128
+    return _C.of(cfg.num_warps, cfg.num_stages, BLOCK=min(cfg.meta["BLOCK"], max(floor, triton.next_power_of_2(inner))))
 
 
 def _check_rows(rows: int) -> None:
     if rows > 65535:
         raise ValueError(f"sigma: at most 65535 rows (B * F) with per-row sigmas in Triton, got {rows}")
+
+
+def _row_grid(inner: int, rows: int):
+    return lambda meta: (triton.cdiv(inner, meta["BLOCK"]), rows)
 
 
 def denoise_update_triton(
@@ -312,18 +330,23 @@ def denoise_update_triton(
     s_ptr, s_sb, s_sf, s_hi, s_lo = _sigma_args(sigma, x_t, rank)
     sn_ptr, sn_sb, sn_sf, sn_hi, _ = _sigma_args(sigma_next, x_t, rank)
     g_hi, g_lo = _hi_lo(float(guidance))
-    block, warps = _block(inner, x_t.is_cuda)
-    grid = (triton.cdiv(inner, block), rows)
-    _denoise_update_kernel[grid](
-        x_t, v, v_uncond if v_uncond is not None else v, noise if has_noise else x_t,
-        x0, x_next if has_noise else x0, s_ptr, sn_ptr,
-        s_sb, s_sf, sn_sb, sn_sf,
-        s_hi, s_lo, sn_hi, g_hi, g_lo,
-        frames, inner,
-        S_SCALAR=not isinstance(sigma, torch.Tensor), SN_SCALAR=not isinstance(sigma_next, torch.Tensor),
-        HAS_UNCOND=v_uncond is not None, HAS_NOISE=has_noise,
-        COMPUTE=tl.float64 if compute_dtype == torch.float64 else tl.float32, BLOCK=block,
-        num_warps=warps,
+    launch(
+        _denoise_update_kernel,
+        _row_grid(inner, rows),
+        (
+            x_t, v, v_uncond if v_uncond is not None else v, noise if has_noise else x_t,
+            x0, x_next if has_noise else x0, s_ptr, sn_ptr,
+            s_sb, s_sf, sn_sb, sn_sf,
+            s_hi, s_lo, sn_hi, g_hi, g_lo,
+            frames, inner,
+        ),
+        device=x_t.device,
+        configs=(launch_config(inner, x_t.dtype, x_t.device, "denoise_update"),),
+        constexprs=dict(
+            S_SCALAR=not isinstance(sigma, torch.Tensor), SN_SCALAR=not isinstance(sigma_next, torch.Tensor),
+            HAS_UNCOND=v_uncond is not None, HAS_NOISE=has_noise,
+            COMPUTE=tl.float64 if compute_dtype == torch.float64 else tl.float32,
+        ),
     )  # fmt: skip
     return x0, x_next
 
@@ -347,16 +370,21 @@ def euler_step_triton(
     _check_rows(rows)
     s_ptr, s_sb, s_sf, s_hi, _ = _sigma_args(sigma, x, rank)
     sn_ptr, sn_sb, sn_sf, sn_hi, _ = _sigma_args(sigma_next, x, rank)
-    block, warps = _block(inner, x.is_cuda)
-    grid = (triton.cdiv(inner, block), rows)
-    _euler_step_kernel[grid](
-        x, v, v_uncond if v_uncond is not None else v, out, s_ptr, sn_ptr,
-        s_sb, s_sf, sn_sb, sn_sf,
-        s_hi, sn_hi, float(guidance),
-        frames, inner,
-        S_SCALAR=not isinstance(sigma, torch.Tensor), SN_SCALAR=not isinstance(sigma_next, torch.Tensor),
-        HAS_UNCOND=v_uncond is not None, BLOCK=block,
-        num_warps=warps,
+    launch(
+        _euler_step_kernel,
+        _row_grid(inner, rows),
+        (
+            x, v, v_uncond if v_uncond is not None else v, out, s_ptr, sn_ptr,
+            s_sb, s_sf, sn_sb, sn_sf,
+            s_hi, sn_hi, float(guidance),
+            frames, inner,
+        ),
+        device=x.device,
+        configs=(launch_config(inner, x.dtype, x.device, "euler_step"),),
+        constexprs=dict(
+            S_SCALAR=not isinstance(sigma, torch.Tensor), SN_SCALAR=not isinstance(sigma_next, torch.Tensor),
+            HAS_UNCOND=v_uncond is not None,
+        ),
     )  # fmt: skip
     return out
 
@@ -366,11 +394,15 @@ def cfg_combine_triton(u: torch.Tensor, c: torch.Tensor, guidance: float) -> tor
     _check_cfg(u, c, guidance)
     u, c = u.contiguous(), c.contiguous()
     out = torch.empty(u.shape, dtype=u.dtype, device=u.device)
-    if out.numel() == 0:
+    numel = out.numel()
+    if numel == 0:
         return out
-    block, warps = _block(out.numel(), u.is_cuda)
-    _cfg_combine_kernel[(triton.cdiv(out.numel(), block),)](
-        u, c, out, out.numel(), float(guidance), BLOCK=block, num_warps=warps
+    launch(
+        _cfg_combine_kernel,
+        lambda meta: (triton.cdiv(numel, meta["BLOCK"]),),
+        (u, c, out, numel, float(guidance)),
+        device=u.device,
+        configs=(launch_config(numel, u.dtype, u.device, "cfg_combine"),),
     )
     return out
 

@@ -14,7 +14,8 @@ Shapes:
 Limits (what the tests cover): norm_modulate holds a row in one Triton program, so C <= 8192 there
 (Wan-14B has 5120; the launcher raises above); gated_residual tiles C and has no limit. Any C (48, 96,
 ...), any T, any strides for every input (modulation rows are often chunks of a [B, F, 6, C] tensor).
-fp32 and fp16 everywhere (the Triton interpreter included), bf16 on CUDA only. Outputs are contiguous.
+fp32 and fp16 everywhere (the Triton interpreter included, also with the GPU tiles of the launch tables:
+Wan's 1536 and 5120 channels, ragged row and channel tiles), bf16 on CUDA only. Outputs are contiguous.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import resolve, triton_available
+from ._launch import DTYPE_NAMES, TABLE_ARCHS, launch, launch_arch, pick
+from ._launch import Config as _C
 
 if triton_available():
     import triton
@@ -140,12 +143,29 @@ if triton is not None:
         tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _row_launch_config(tokens: int, block_c: int, on_cuda: bool) -> tuple[int, int]:
-    """(BLOCK_T, num_warps) for tiles of BLOCK_T rows of BLOCK_C channels."""
-    if not on_cuda:  # interpreter: few, large programs (numpy does the inner work)
-        return max(1, min(triton.next_power_of_2(tokens), 16384 // block_c)), 1
-    block_t = max(1, min(triton.next_power_of_2(tokens), 4096 // block_c))
-    return block_t, 8 if block_t * block_c >= 4096 else 4
+# The launch tables: (arch, dtype) -> configuration (see `_launch`; the compile check proves every entry at
+# Wan-1.3B and 14B widths). A program holds a [BLOCK_T, BLOCK_C] tile of at most ELEMENTS elements: whole rows
+# for norm_modulate (BLOCK_C = C rounded up to a power of two, at least one row), channel tiles of at most
+# MAX_C for gated_residual. Tiles shrink to the problem. The interpreter's rows (arch None) favour few, large
+# programs (numpy does the inner work).
+_GPU_NORM = _C.of(8, 1, ELEMENTS=4096)
+_GPU_GATED = _C.of(8, 1, ELEMENTS=4096, MAX_C=2048)
+NORM_CONFIGS: dict[tuple, _C] = {
+    (None,): _C.of(1, 1, ELEMENTS=16384),
+    **{(arch, dt): _GPU_NORM for arch in TABLE_ARCHS for dt in DTYPE_NAMES.values()},
+}
+GATED_CONFIGS: dict[tuple, _C] = {
+    (None,): _C.of(1, 1, ELEMENTS=16384, MAX_C=8192),
+    **{(arch, dt): _GPU_GATED for arch in TABLE_ARCHS for dt in DTYPE_NAMES.values()},
+}
+
+
+def _row_config(table: dict, op: str, tokens: int, channels: int, dtype: torch.dtype, device: torch.device) -> _C:
+    """BLOCK_T x BLOCK_C tiles from the table's budget: as many rows as fit, whole rows or MAX_C channels."""
+    cfg = pick(table, launch_arch(device), dtype, op)
+    block_c = min(triton.next_power_of_2(channels), cfg.meta.get("MAX_C", _MAX_C))
+    block_t = max(1, min(triton.next_power_of_2(tokens), cfg.meta["ELEMENTS"] // block_c))
+    return _C.of(cfg.num_warps, cfg.num_stages, BLOCK_T=block_t, BLOCK_C=block_c)
 
 
 def norm_modulate_triton(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -157,17 +177,20 @@ def norm_modulate_triton(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tens
     batch, frames, tokens, channels = x.shape
     if channels > _MAX_C:
         raise ValueError(f"x: the Triton norm_modulate holds a row in one program, C <= {_MAX_C}; got C={channels}")
+    cfg = _row_config(NORM_CONFIGS, "norm_modulate", tokens, channels, x.dtype, x.device)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    block_c = triton.next_power_of_2(channels)
-    block_t, warps = _row_launch_config(tokens, block_c, x.is_cuda)
-    grid = (triton.cdiv(tokens, block_t), batch * frames)
-    _norm_modulate_kernel[grid](
-        x, shift, scale, out,
-        *x.stride(), *shift.stride(), *scale.stride(), *out.stride()[:3],
-        frames, tokens, channels, float(eps),
-        BLOCK_T=block_t, BLOCK_C=block_c, num_warps=warps,
+    launch(
+        _norm_modulate_kernel,
+        lambda meta: (triton.cdiv(tokens, meta["BLOCK_T"]), batch * frames),
+        (
+            x, shift, scale, out,
+            *x.stride(), *shift.stride(), *scale.stride(), *out.stride()[:3],
+            frames, tokens, channels, float(eps),
+        ),
+        device=x.device,
+        configs=(cfg,),
     )  # fmt: skip
     return out
 
@@ -180,17 +203,20 @@ def gated_residual_triton(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) 
     if not y.dtype.is_floating_point:
         raise TypeError(f"y: expected a floating-point tensor, got {y.dtype}")
     batch, frames, tokens, channels = x.shape
+    cfg = _row_config(GATED_CONFIGS, "gated_residual", tokens, channels, x.dtype, x.device)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-    block_c = min(triton.next_power_of_2(channels), 2048 if x.is_cuda else 8192)
-    block_t, warps = _row_launch_config(tokens, block_c, x.is_cuda)
-    grid = (triton.cdiv(tokens, block_t), triton.cdiv(channels, block_c), batch * frames)
-    _gated_residual_kernel[grid](
-        x, y, gate, out,
-        *x.stride(), *y.stride(), *gate.stride(), *out.stride()[:3],
-        frames, tokens, channels,
-        BLOCK_T=block_t, BLOCK_C=block_c, num_warps=warps,
+    launch(
+        _gated_residual_kernel,
+        lambda meta: (triton.cdiv(tokens, meta["BLOCK_T"]), triton.cdiv(channels, meta["BLOCK_C"]), batch * frames),
+        (
+            x, y, gate, out,
+            *x.stride(), *y.stride(), *gate.stride(), *out.stride()[:3],
+            frames, tokens, channels,
+        ),
+        device=x.device,
+        configs=(cfg,),
     )  # fmt: skip
     return out
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ._launch import to_device
+
 
 @dataclass(frozen=True, eq=False)
 class PageTable:
@@ -64,10 +66,11 @@ class PageTable:
         offsets = [0]
         for n in q_lengths:
             offsets.append(offsets[-1] + int(n))
+        device = torch.device(device)
         return cls(
-            pages=torch.tensor(padded, dtype=torch.int32, device=device),
-            counts=torch.tensor([len(pl) for pl in host_pages], dtype=torch.int32, device=device),
-            q_offsets=torch.tensor(offsets, dtype=torch.int32, device=device),
+            pages=to_device(torch.tensor(padded, dtype=torch.int32), device),
+            counts=to_device(torch.tensor([len(pl) for pl in host_pages], dtype=torch.int32), device),
+            q_offsets=to_device(torch.tensor(offsets, dtype=torch.int32), device),
             host_pages=host_pages,
             host_q_offsets=tuple(offsets),
         )
@@ -109,10 +112,15 @@ class PageTable:
         return total
 
     def to(self, device: torch.device | str) -> PageTable:
+        """The table with its tensors on `device` (itself when they are there already). Host tensors reach a
+        GPU through pinned memory pinned under that GPU's guard: no host wait, no context on another GPU."""
+        device = torch.device(device)
+        if self.pages.device == device:
+            return self
         return PageTable(
-            pages=self.pages.to(device),
-            counts=self.counts.to(device),
-            q_offsets=self.q_offsets.to(device),
+            pages=to_device(self.pages, device),
+            counts=to_device(self.counts, device),
+            q_offsets=to_device(self.q_offsets, device),
             host_pages=self.host_pages,
             host_q_offsets=self.host_q_offsets,
         )

@@ -21,9 +21,10 @@ Shapes:
 Limits (what the tests cover): positions must be < max_pos (checked by the caller on host values; the
 table does not wrap, and the Triton kernel does not bounds-check it). fp32 and fp16 everywhere (the Triton
 interpreter included), bf16 on CUDA only; any even head dim (the Triton path pads D to a power of two),
-any T. q, k, v may be strided views (e.g. of a fused qkv projection); the pools need a contiguous head
-dim. Both paths round rotated k to k's dtype before storing it in the pool's dtype. Duplicate pages in
-`write_pages` leave an unspecified one of the writes.
+any T; in the interpreter also with the GPU tiles (`CONFIGS`): ragged token tiles and head groups. q, k, v
+may be strided views (e.g. of a fused qkv projection); the pools need a contiguous head dim. Both paths
+round rotated k to k's dtype before storing it in the pool's dtype. Duplicate pages in `write_pages` leave
+an unspecified one of the writes.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from dataclasses import dataclass
 import torch
 
 from ._dispatch import resolve, triton_available
+from ._launch import DTYPE_NAMES, TABLE_ARCHS, launch, launch_arch, pick, to_device
+from ._launch import Config as _C
 
 if triton_available():
     import triton
@@ -209,13 +212,22 @@ if triton is not None:
             tl.store(vp_row + h * vp_stride_h, v.to(vp_ptr.dtype.element_ty), mask=mask)
 
 
-def _rope_launch_config(tokens: int, heads: int, head_dim: int, on_cuda: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_T, BLOCK_D, HEADS_PER_PROG, num_warps)."""
+# The launch table: (arch, dtype) -> configuration (see `_launch`; the compile check proves every entry at
+# Wan shapes). BLOCK_T tokens x a whole head (BLOCK_D = head_dim rounded up to a power of two) per tile, for
+# HEADS_PER_PROG heads: BLOCK_T is for heads of up to 128 and halves per doubling above; tiles shrink to the
+# problem. The interpreter's row (arch None) takes every head in one program (numpy does the inner work).
+CONFIGS: dict[tuple, _C] = {
+    (None,): _C.of(1, 1, BLOCK_T=64, HEADS_PER_PROG=1 << 30),
+    **{(arch, dt): _C.of(4, 1, BLOCK_T=32, HEADS_PER_PROG=4) for arch in TABLE_ARCHS for dt in DTYPE_NAMES.values()},
+}
+
+
+def launch_config(tokens: int, heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> _C:
+    """The table's configuration for this dtype and device, with its tiles shrunk to the problem."""
+    cfg = pick(CONFIGS, launch_arch(device), dtype, "rope_write")
     block_d = max(2, triton.next_power_of_2(head_dim))
-    if not on_cuda:  # interpreter: few, large programs (numpy does the inner work)
-        return min(64, triton.next_power_of_2(tokens)), block_d, heads, 1
-    block_t = max(1, min(64, 4096 // block_d, triton.next_power_of_2(tokens)))
-    return block_t, block_d, min(heads, 4), 4
+    block_t = max(1, min(cfg.meta["BLOCK_T"] * 128 // max(128, block_d), triton.next_power_of_2(tokens)))
+    return _C.of(cfg.num_warps, cfg.num_stages, BLOCK_T=block_t, HEADS_PER_PROG=min(heads, cfg.meta["HEADS_PER_PROG"]))
 
 
 def rope_write_triton(q, k, v, k_pool, v_pool, write_pages, frame_pos, rope: RopeTable, grid_w: int) -> torch.Tensor:
@@ -228,23 +240,26 @@ def rope_write_triton(q, k, v, k_pool, v_pool, write_pages, frame_pos, rope: Rop
     if k_pool.stride(-1) != 1 or v_pool.stride(-1) != 1:
         raise ValueError("k_pool/v_pool: the head dimension must be contiguous")
     device = q.device
-    cos, sin = rope.cos.to(device).contiguous(), rope.sin.to(device).contiguous()
-    write_pages = write_pages.to(device)
-    frame_pos = frame_pos.to(device)
     batch, frames, tokens, heads, dim = q.shape
+    cfg = launch_config(tokens, heads, dim, q.dtype, device)
+    cos, sin = to_device(rope.cos, device).contiguous(), to_device(rope.sin, device).contiguous()
+    write_pages, frame_pos = to_device(write_pages, device), to_device(frame_pos, device)
     out = torch.empty(q.shape, dtype=q.dtype, device=device)
     if out.numel() == 0:
         return out
-    block_t, block_d, heads_per_prog, warps = _rope_launch_config(tokens, heads, dim, q.is_cuda)
-    grid = (triton.cdiv(tokens, block_t), triton.cdiv(heads, heads_per_prog), batch * frames)
-    _rope_write_kernel[grid](
-        q, k, v, out, k_pool, v_pool, write_pages, frame_pos, cos, sin,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride()[:4],
-        *k_pool.stride()[:3], *v_pool.stride()[:3],
-        *write_pages.stride(), frame_pos.stride(0), cos.stride(0), sin.stride(0),
-        frames, tokens, heads, dim, grid_w, rope.t_pairs, rope.t_pairs + rope.h_pairs,
-        BLOCK_T=block_t, BLOCK_D=block_d, HEADS_PER_PROG=heads_per_prog,
-        num_warps=warps,
+    launch(
+        _rope_write_kernel,
+        lambda meta: (triton.cdiv(tokens, meta["BLOCK_T"]), triton.cdiv(heads, meta["HEADS_PER_PROG"]), batch * frames),
+        (
+            q, k, v, out, k_pool, v_pool, write_pages, frame_pos, cos, sin,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride()[:4],
+            *k_pool.stride()[:3], *v_pool.stride()[:3],
+            *write_pages.stride(), frame_pos.stride(0), cos.stride(0), sin.stride(0),
+            frames, tokens, heads, dim, grid_w, rope.t_pairs, rope.t_pairs + rope.h_pairs,
+        ),
+        device=device,
+        configs=(cfg,),
+        constexprs=dict(BLOCK_D=max(2, triton.next_power_of_2(dim))),
     )  # fmt: skip
     return out
 

@@ -21,8 +21,16 @@ several groups are read in place. A group with no pages returns zeros.
 
 Limits (what the tests cover): fp32 and fp16 everywhere (the Triton interpreter included); bf16 on
 CUDA only; head dims up to 256 (the Triton path pads D to a power of two); any T (tiles are masked
-at page ends, e.g. T = 1560 with 64-token tiles); groups of unequal length and page count.
+at page ends); groups of unequal length and page count. The interpreter tests run the kernel both with
+its interpreter tiles and with every GPU configuration of `CONFIGS` (fp16 stands for bf16: they share
+rows): two query tiles and two key tiles per page with ragged last tiles, pages out of pool order, an
+empty group, and a whole 1560-token frame at head dim 128 with sm_90's 128 x 64 tiles (13 x 25 tiles).
 The Triton kernel keeps the online softmax in fp32.
+
+Launch configurations: `CONFIGS`, one table per (arch, dtype, head-dim bound), proven by
+``python -m mmpl_fast.kernels.compile_check`` (no spills, shared memory within each arch's limit, tensor
+cores in bf16/fp16). fp32 runs too, with small no-tensor-core tiles (IEEE dots, exact but slow) that fit
+every arch; use bf16/fp16 on a GPU for speed.
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from ._dispatch import resolve, triton_available
+from ._launch import TABLE_ARCHS, launch, launch_arch, pick, to_device
+from ._launch import Config as _C
 from .page_table import PageTable
 
 if triton_available():
@@ -66,10 +76,8 @@ def _check(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, table: P
 
 # --------------------------------------------------------------------------------------------- torch
 def _long_tensor(values: list, device: torch.device) -> torch.Tensor:
-    """Host ints as an int64 tensor on `device`; on CUDA through pinned memory, so the host does not wait."""
-    if device.type != "cuda":
-        return torch.tensor(values, dtype=torch.long, device=device)
-    return torch.tensor(values, dtype=torch.long, pin_memory=True).to(device, non_blocking=True)
+    """Host ints as an int64 tensor on `device` (on a GPU through pinned memory: the host does not wait)."""
+    return to_device(torch.tensor(values, dtype=torch.long), device)
 
 
 def stage_attention_torch(
@@ -134,8 +142,14 @@ if triton is not None:
         o_stride_n, o_stride_h,
         pages_stride_g,
         tokens_per_page, head_dim, qk_scale,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
+        """One (query tile, group, head): online softmax over every key tile of every page the group lists.
+
+        The pages x tiles loop is one flat loop (tile j of the group: page j // tiles, tokens from
+        (j % tiles) * BLOCK_N), so Triton pipelines loads across page boundaries; the last tile of each page
+        is masked when BLOCK_N does not divide the page.
+        """
         pid_m = tl.program_id(0)
         g = tl.program_id(1)
         h = tl.program_id(2)
@@ -147,58 +161,76 @@ if triton is not None:
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         m_ok = offs_m < q_len
-        d_ok = offs_d < head_dim
+        d_ok = offs_d < (BLOCK_D if EVEN_D else head_dim)  # EVEN_D: a constant mask, no per-element compare
         q_ptrs = q_ptr + (q_start + offs_m)[:, None] * q_stride_n + h * q_stride_h + offs_d[None, :]
         q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        n_pages = tl.load(counts_ptr + g)
-        for i in range(0, n_pages):
+        tiles = tl.cdiv(tokens_per_page, BLOCK_N)
+        for j in range(0, tl.load(counts_ptr + g) * tiles):
+            i = j // tiles
+            n = (j - i * tiles) * BLOCK_N + offs_n
+            n_ok = n < tokens_per_page
             page = tl.load(pages_ptr + g * pages_stride_g + i).to(tl.int64)
-            k_base = k_ptr + page * k_stride_p + h * k_stride_h
-            v_base = v_ptr + page * v_stride_p + h * v_stride_h
-            for n0 in range(0, tokens_per_page, BLOCK_N):
-                n_ok = (n0 + offs_n) < tokens_per_page
-                k = tl.load(
-                    k_base + (n0 + offs_n)[:, None] * k_stride_t + offs_d[None, :],
-                    mask=n_ok[:, None] & d_ok[None, :],
-                    other=0.0,
-                )
-                if IEEE:
-                    s = tl.dot(q, tl.trans(k), input_precision="ieee")
-                else:
-                    s = tl.dot(q, tl.trans(k))
-                s = s * qk_scale
-                s = tl.where(n_ok[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                v = tl.load(
-                    v_base + (n0 + offs_n)[:, None] * v_stride_t + offs_d[None, :],
-                    mask=n_ok[:, None] & d_ok[None, :],
-                    other=0.0,
-                )
-                if IEEE:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-                else:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                m_i = m_new
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_ptr + page * k_stride_p + h * k_stride_h + n[:, None] * k_stride_t + offs_d[None, :],
+                        mask=kv_mask, other=0.0)  # fmt: skip
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = tl.where(n_ok[None, :], s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_ptr + page * v_stride_p + h * v_stride_h + n[:, None] * v_stride_t + offs_d[None, :],
+                        mask=kv_mask, other=0.0)  # fmt: skip
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
         l_safe = tl.where(l_i > 0, l_i, 1.0)
         out = acc / l_safe[:, None]
         o_ptrs = o_ptr + (q_start + offs_m)[:, None] * o_stride_n + h * o_stride_h + offs_d[None, :]
         tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
 
-def _block_sizes(head_dim: int, on_cuda: bool) -> tuple[int, int, int, int]:
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    if not on_cuda:  # interpreter: fewer, larger tiles are faster (numpy does the inner work)
-        return 32, 32, block_d, 1
-    if block_d <= 64:
-        return 128, 64, block_d, 4
-    return 128, 64, block_d, 8
+# The launch table: (arch, dtype, head-dim bound) -> proven configurations, the first the default (see
+# `_launch`). `python -m mmpl_fast.kernels.compile_check` compiles every entry for its arch at Wan shapes and
+# checks registers, spills and shared memory. bf16 and fp16 share their rows, so the interpreter tests in
+# fp16 run the bf16 tiles. fp32 takes the no-tensor-core IEEE path: small tiles that fit every arch without
+# spills (slow; use bf16/fp16 on a GPU). The interpreter's row (arch None) favours few, large programs.
+_TC = {  # tensor-core rows (bf16, fp16) for head dims <= 128 and <= 256
+    (80, 128): (
+        _C.of(8, 3, BLOCK_M=128, BLOCK_N=64),
+        _C.of(8, 3, BLOCK_M=128, BLOCK_N=32),
+        _C.of(4, 2, BLOCK_M=64, BLOCK_N=64),
+    ),
+    (89, 128): (
+        _C.of(8, 3, BLOCK_M=128, BLOCK_N=64),
+        _C.of(8, 3, BLOCK_M=128, BLOCK_N=32),
+        _C.of(4, 2, BLOCK_M=64, BLOCK_N=64),
+    ),
+    (90, 128): (_C.of(8, 3, BLOCK_M=128, BLOCK_N=64), _C.of(8, 3, BLOCK_M=128, BLOCK_N=128)),
+    (80, 256): (_C.of(8, 2, BLOCK_M=64, BLOCK_N=32),),
+    (89, 256): (_C.of(8, 2, BLOCK_M=64, BLOCK_N=32),),
+    (90, 256): (_C.of(8, 2, BLOCK_M=64, BLOCK_N=64),),
+}
+_FP32 = {128: (_C.of(4, 2, BLOCK_M=32, BLOCK_N=16),), 256: (_C.of(4, 2, BLOCK_M=16, BLOCK_N=16),)}
+CONFIGS: dict[tuple, tuple[_C, ...]] = {
+    **{(None, d): (_C.of(1, 1, BLOCK_M=32, BLOCK_N=32),) for d in (128, 256)},
+    **{(arch, dt, d): cfg for (arch, d), cfg in _TC.items() for dt in ("bf16", "fp16")},
+    **{(arch, "fp32", d): cfg for arch in TABLE_ARCHS for d, cfg in _FP32.items()},
+}
+
+
+def launch_configs(head_dim: int, dtype: torch.dtype, device: torch.device) -> tuple[_C, ...]:
+    """The proven configurations for this head dim, dtype and device (interpreter: one large-tile config)."""
+    return pick(CONFIGS, launch_arch(device), dtype, "stage_attention", 128 if head_dim <= 128 else 256)
 
 
 def stage_attention_triton(
@@ -210,23 +242,30 @@ def stage_attention_triton(
         raise ValueError("k_pool/v_pool: the head dimension must be contiguous")
     q = q if q.stride(-1) == 1 else q.contiguous()
     nq, heads, dim = q.shape
+    configs = launch_configs(dim, q.dtype, q.device)
     out = torch.empty_like(q)
     if nq == 0:
         return out
     table = table.to(q.device)
     scale = (1.0 / math.sqrt(dim)) if scale is None else float(scale)
-    block_m, block_n, block_d, warps = _block_sizes(dim, q.is_cuda)
-    grid = (triton.cdiv(table.max_q_len, block_m), table.num_groups, heads)
-    _stage_attention_kernel[grid](
-        q, k_pool, v_pool, out, table.pages, table.counts, table.q_offsets,
-        q.stride(0), q.stride(1),
-        k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
-        v_pool.stride(0), v_pool.stride(1), v_pool.stride(2),
-        out.stride(0), out.stride(1),
-        table.pages.stride(0),
-        k_pool.shape[1], dim, scale * _LOG2E,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=q.dtype == torch.float32,
-        num_warps=warps,
+    block_d = max(16, triton.next_power_of_2(dim))
+    max_q, groups = table.max_q_len, table.num_groups
+    launch(
+        _stage_attention_kernel,
+        lambda meta: (triton.cdiv(max_q, meta["BLOCK_M"]), groups, heads),
+        (
+            q, k_pool, v_pool, out, table.pages, table.counts, table.q_offsets,
+            q.stride(0), q.stride(1),
+            k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
+            v_pool.stride(0), v_pool.stride(1), v_pool.stride(2),
+            out.stride(0), out.stride(1),
+            table.pages.stride(0),
+            k_pool.shape[1], dim, scale * _LOG2E,
+        ),
+        device=q.device,
+        configs=configs,
+        constexprs=dict(BLOCK_D=block_d, EVEN_D=block_d == dim, IEEE=q.dtype == torch.float32),
+        autotune_key=("tokens_per_page", "head_dim"),
     )  # fmt: skip
     return out
 

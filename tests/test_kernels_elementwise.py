@@ -9,6 +9,7 @@ against the torch backend it is compared with.
 from __future__ import annotations
 
 import importlib
+import sys
 
 import pytest
 import torch
@@ -28,6 +29,7 @@ from mmpl_fast.kernels import (
     stage_attention,
     use_backend,
 )
+from mmpl_fast.kernels._launch import TABLE_ARCHS, recording, target_arch
 from mmpl_fast.kernels.denoise import cfg_combine_torch, denoise_update_torch, euler_step_torch
 from mmpl_fast.kernels.norm_modulate import gated_residual_torch, norm_modulate_torch
 from mmpl_fast.kernels.rope_write import rope_write_torch
@@ -79,6 +81,11 @@ ROPE_CASES = [
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", ROPE_CASES, ids=lambda c: f"B{c[0]}F{c[1]}T{c[2] * c[3]}H{c[4]}D{c[5]}-{c[7]}")
 def test_rope_write_triton(dtype, case):
+    check_rope_write(dtype, case)
+
+
+def check_rope_write(dtype, case):
+    """Triton rope_write against Wan's rope in float64: rotated q, rotated k and plain v in their pages only."""
     b, f, grid_h, grid_w, heads, dim, frame_pos, layout = case
     tokens = grid_h * grid_w
     rope = RopeTable.build(dim, max_pos=32, device=DEVICE)
@@ -290,6 +297,87 @@ def test_denoise_ops_reject_bad_input():
             cfg_combine(x, v.double(), 2.0)
 
 
+# ---------------------------------------------------------------------------------------------- GPU tiles
+# The interpreter runs each kernel with the block sizes a GPU uses (`target_arch`): several tiles with a ragged
+# last one in every tiled dimension. The elementwise tables hold one configuration for every arch (checked
+# below), so sm_90's stands for all.
+GPU_DTYPES = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.float32, id="fp32")]
+
+
+def gpu_grid(fn, *args, **kwargs) -> tuple[dict, tuple[int, ...]]:
+    """(tiles, grid) of the launch `fn(*args)` makes with sm_90's table row (recorded, not run)."""
+    with target_arch(90), recording() as launches:
+        fn(*args, **kwargs)
+    meta = launches[0].configs[0].meta
+    return meta, launches[0].grid(meta)
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_rope_write_gpu_tiles(dtype):
+    """45 tokens in 32-token tiles (the last 13 tokens), 6 heads in groups of 4 (the last 2), head dim 128."""
+    case = (1, 2, 5, 9, 6, 128, [4, 17], "fused")
+    q, k, v = make_qkv(1, 2, 45, 6, 128, "contiguous", dtype)
+    pool = torch.zeros(3, 45, 6, 128, dtype=dtype)
+    pages, pos, rope = torch.tensor([[2, 0]]), torch.tensor([4, 17]), RopeTable.build(128, max_pos=32)
+    meta, grid = gpu_grid(rope_mod.rope_write_triton, q, k, v, pool, pool.clone(), pages, pos, rope, 9)
+    assert (meta["BLOCK_T"], meta["HEADS_PER_PROG"], grid) == (32, 4, (2, 2, 2))
+    with target_arch(90):
+        check_rope_write(dtype, case)
+
+
+NORM_GPU_CASES = [(1, 2, 5, 1536, False), (1, 1, 3, 5120, True)]  # 1.3B and 14B widths: whole rows of 2048 / 8192
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("case", NORM_GPU_CASES, ids=lambda c: f"T{c[2]}C{c[3]}")
+def test_norm_modulate_gpu_tiles(dtype, case):
+    b, f, t, c, strided = case
+    x, mod = make_x(b, f, t, c, strided, dtype), randn(b, f, 6, c)
+    meta, grid = gpu_grid(norm_mod.norm_modulate_triton, x, mod[:, :, 0], mod[:, :, 1])
+    assert grid[0] >= 3 and meta["BLOCK_C"] > c  # several row tiles; the row's tail is masked
+    assert meta["BLOCK_T"] == 1 or t % meta["BLOCK_T"]  # the last row tile is ragged (1.3B: 2 rows per tile)
+    with target_arch(90):
+        test_norm_modulate_triton(dtype, case)
+
+
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+def test_gated_residual_gpu_tiles(dtype):
+    """C = 5120 in 2048-channel tiles (the last 1024), 3 tokens in 2-token tiles (the last 1)."""
+    case = (1, 2, 3, 5120, True)
+    x = make_x(*case, dtype)
+    meta, grid = gpu_grid(norm_mod.gated_residual_triton, x, x, randn(1, 2, 5120))
+    assert (meta["BLOCK_T"], meta["BLOCK_C"], grid) == (2, 2048, (2, 3, 2))
+    with target_arch(90):
+        test_gated_residual_triton(dtype, case)
+
+
+def test_denoise_ops_gpu_tiles(monkeypatch):
+    """Rows of 2500 elements in 2048-element blocks (the last 452); CFG over 15000 elements in 8 blocks."""
+    monkeypatch.setattr(sys.modules[__name__], "LATENT", (4, 25, 25))
+    x = randn(B, NF, 4, 25, 25)
+    meta, grid = gpu_grid(denoise_mod.denoise_update_triton, x, x, torch.rand(B, NF), 0.3, x)
+    assert (meta["BLOCK"], grid) == (2048, (2, B * NF))
+    meta, grid = gpu_grid(denoise_mod.cfg_combine_triton, x, x, 2.0)
+    assert (meta["BLOCK"], grid) == (2048, (8,))
+    with target_arch(90):
+        for dtype in (torch.float16, torch.float32):
+            for sigmas in ("per-frame", "mixed"):
+                test_denoise_update_triton(dtype, sigmas, 3.5, torch.float64)
+                test_euler_step_triton(dtype, sigmas, 4.0)
+            u, c = randn(B, NF, 4, 25, 25, dtype=dtype), randn(B, NF, 4, 25, 25, dtype=dtype)
+            with use_backend("triton"):
+                out = cfg_combine(u, c, 4.5)
+            exact = u.double() + 4.5 * (c.double() - u.double())
+            assert_close_to_reference(out, cfg_combine_torch(u, c, 4.5), exact)
+
+
+def test_elementwise_tables_hold_one_config_for_every_arch():
+    """So the sm_90 runs above stand for sm_80 and sm_89 too (stage attention's rows do differ per arch)."""
+    for table in (rope_mod.CONFIGS, norm_mod.NORM_CONFIGS, norm_mod.GATED_CONFIGS, denoise_mod.CONFIGS):
+        gpu = {key: cfg for key, cfg in table.items() if key[0] is not None}
+        assert {key[0] for key in gpu} == set(TABLE_ARCHS) and len(set(gpu.values())) == 1
+
+
 # ------------------------------------------------------------------------------------------- dispatch
 def _calls() -> dict:
     """One small call of every op in this file, keyed by op name."""
@@ -386,3 +474,35 @@ def test_bad_backend_name_raises(monkeypatch):
     monkeypatch.setenv("MMPL_FAST_BACKEND", "fast")
     with pytest.raises(ValueError, match="MMPL_FAST_BACKEND"):
         cfg_combine(torch.zeros(2), torch.zeros(2), 1.0)
+
+
+class _CudaLike:
+    """Stands in for a CUDA tensor in `resolve` (which reads only `is_cuda` and `device`)."""
+
+    is_cuda = True
+
+    def __init__(self, index: int):
+        self.device = torch.device("cuda", index)
+
+
+@pytest.mark.parametrize("capability, want", [(75, "torch"), (80, "triton"), (86, "triton"), (90, "triton")])
+def test_auto_sends_gpus_before_sm80_to_torch(capability, want, monkeypatch):
+    """The launch tables start at sm_80: older GPUs take the torch backend, and forcing Triton there raises."""
+    from mmpl_fast.kernels import _launch
+
+    monkeypatch.setattr(_dispatch, "interpreting", lambda: False)
+    monkeypatch.setattr(_launch, "_capability", lambda index: capability if index == 1 else 90)
+    monkeypatch.delenv("MMPL_FAST_BACKEND", raising=False)
+    assert _dispatch.resolve("stage_attention", _CudaLike(1)) == want
+    assert _dispatch.resolve("stage_attention", _CudaLike(0)) == "triton"
+    if want == "torch":
+        with use_backend("triton"), pytest.raises(RuntimeError, match=r"cuda:1 has compute capability 7\.5"):
+            _dispatch.resolve("stage_attention", _CudaLike(1))
+
+
+def test_table_arch_maps_gpus_to_proven_rows():
+    from mmpl_fast.kernels._launch import table_arch
+
+    assert [table_arch(c) for c in (80, 86, 87, 89, 90, 100, 120)] == [80, 89, 80, 89, 90, 89, 89]
+    with pytest.raises(RuntimeError, match="8.0 or newer"):
+        table_arch(75)

@@ -11,6 +11,7 @@ teacher-forcing sequence ``[clean | noisy]`` with one page list per query stage.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 from dataclasses import dataclass
 
@@ -21,8 +22,10 @@ from accuracy import ATOL, DEVICE, DTYPES, assert_close_to_reference
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmpl_fast.kernels import PageTable, stage_attention, use_backend
+from mmpl_fast.kernels._launch import TABLE_ARCHS, recording, target_arch
 from mmpl_fast.kernels.stage_attention import stage_attention_torch, stage_attention_triton
 
+sa_mod = importlib.import_module("mmpl_fast.kernels.stage_attention")  # the package re-exports the function
 # torch reference vs float64: fp32 and fp16 CPU SDPA accumulate in fp32, so the error is the output rounding
 RTOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
@@ -356,3 +359,90 @@ def test_triton_rejects_pool_with_strided_head_dim():
     q, pool = randn(3, 2, 16), randn(1, 4, 16, 2).transpose(-1, -2)
     with pytest.raises(ValueError, match="head dimension must be contiguous"):
         stage_attention_triton(q, pool, pool, table)
+
+
+# ---------------------------------------------------------------------------------------- GPU tiles
+# The interpreter runs the kernel with every configuration its launch table holds for a GPU. bf16 and fp16
+# share their rows (checked below), so fp16 here runs the bf16 tiles too; fp32 has its own small tiles.
+def _table_configs() -> list[tuple[str, int, object]]:
+    """(dtype name, head-dim bound, configuration) for every distinct GPU configuration in the table."""
+    seen = set()
+    for (arch, *key), configs in sa_mod.CONFIGS.items():
+        if arch is not None and key[0] != "bf16":
+            seen.update((key[0], key[1], c) for c in configs)
+    return sorted(seen, key=str)
+
+
+def _tile_case(head_dim: int, config) -> Case:
+    """A case that reaches every loop of `config`'s tiles: the first group has two query tiles (the last ragged)
+    and reads three pages out of pool order, each two key tiles (the last ragged); a group without pages; a
+    group shorter than one query tile."""
+    m, n = config.meta["BLOCK_M"], config.meta["BLOCK_N"]
+    return Case(f"tiles-{config}", n + n // 2 + 1, 1, head_dim, ((3, 0, 2), (), (1,)), (m + 3, 5, m // 2 + 1), 4)
+
+
+def _recorded_tiles(case: Case, q, k_pool, v_pool, table) -> tuple[int, int]:
+    """(query tiles of the longest group, key tiles per page) of the launch the launcher makes."""
+    with recording() as launches:
+        stage_attention_triton(q, k_pool, v_pool, table)
+    meta = launches[0].configs[0].meta
+    return -(-table.max_q_len // meta["BLOCK_M"]), -(-case.tokens // meta["BLOCK_N"])
+
+
+@pytest.mark.parametrize("dtype_name, head_dim, config", _table_configs(), ids=lambda x: str(x).replace(" ", "-"))
+def test_triton_gpu_tiles_match_float64(dtype_name, head_dim, config, monkeypatch):
+    """Each GPU configuration of the table (defaults and autotune candidates): several query and key tiles,
+    ragged last tiles, pages out of order, an empty group, against the float64 reference."""
+    dtype = {"fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+    if DEVICE == "cuda" and config not in sa_mod.launch_configs(head_dim, dtype, torch.device(DEVICE)):
+        pytest.skip("a configuration of another GPU's row (it may not fit this GPU's shared memory)")
+    monkeypatch.setattr(sa_mod, "launch_configs", lambda *_: (config,))
+    case = _tile_case(head_dim, config)
+    q, k_pool, v_pool, table = case.make(dtype)
+    assert _recorded_tiles(case, q, k_pool, v_pool, table) == (2, 2)
+    assert case.q_lengths[0] % config.meta["BLOCK_M"] and case.tokens % config.meta["BLOCK_N"]  # ragged tails
+    exact = exact_attention(q, k_pool, v_pool, case.pages, case.q_lengths)
+    with use_backend("triton"):
+        out = stage_attention(q, k_pool, v_pool, table)
+    assert_close_to_reference(out, stage_attention_torch(q, k_pool, v_pool, table), exact)
+    empty = slice(case.q_lengths[0], case.q_lengths[0] + case.q_lengths[1])
+    assert (out[empty] == 0).all()
+
+
+@pytest.mark.parametrize("arch", TABLE_ARCHS)
+def test_launcher_picks_the_table_row_of_its_arch(arch):
+    """Under `target_arch`, the launcher offers exactly its table's row for that arch, dtype and head dim."""
+    table = PageTable.build([[0]], 4)
+    for dtype, name in ((torch.float16, "fp16"), (torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        for dim, bound in ((128, 128), (40, 128), (256, 256)):
+            q, pool = torch.zeros(4, 1, dim, dtype=dtype), torch.zeros(1, 4, 1, dim, dtype=dtype)
+            with target_arch(arch), recording() as launches:
+                stage_attention_triton(q, pool, pool, table)
+            assert launches[0].configs == sa_mod.CONFIGS[(arch, name, bound)]
+            assert launches[0].constexprs["EVEN_D"] == (dim == bound)
+    with target_arch(arch), pytest.raises(TypeError, match="bf16, fp16, fp32"):
+        stage_attention_triton(
+            torch.zeros(4, 1, 16, dtype=torch.float64), *(torch.zeros(1, 4, 1, 16, dtype=torch.float64),) * 2, table
+        )
+
+
+def test_triton_wan_frame_at_gpu_tiles():
+    """A whole 1560-token latent frame at head dim 128, attending to itself, with sm_90's fp16 (= bf16) tiles:
+    13 query tiles (the last 24 rows) x 25 key tiles (the last 24 tokens)."""
+    case = Case("wan-frame", 1560, 1, 128, ((0,),), (1560,), 1)
+    q, k_pool, v_pool, table = case.make(torch.float16)
+    with target_arch(90):
+        assert _recorded_tiles(case, q, k_pool, v_pool, table) == (13, 25)
+    exact = exact_attention(q, k_pool, v_pool, case.pages, case.q_lengths)
+    with use_backend("triton"), target_arch(90):
+        out = stage_attention(q, k_pool, v_pool, table)
+    assert_close_to_reference(out, stage_attention_torch(q, k_pool, v_pool, table), exact)
+
+
+def test_bf16_and_fp16_share_table_rows():
+    """The fp16 interpreter tests stand for bf16 on a GPU only because both dtypes pick the same tiles."""
+    gpu_rows = [key for key in sa_mod.CONFIGS if key[0] is not None]
+    assert {key[0] for key in gpu_rows} == set(TABLE_ARCHS)
+    for arch, dt, d in gpu_rows:
+        if dt == "bf16":
+            assert sa_mod.CONFIGS[(arch, "fp16", d)] == sa_mod.CONFIGS[(arch, dt, d)]
