@@ -5,7 +5,11 @@ the kernels are compiled and run on CUDA tensors instead."""
 import os
 import tempfile
 
-import torch
+# One BLAS thread for numpy: the Triton interpreter does its tile math in numpy, and a second BLAS thread
+# spinning on a busy 2-core machine made its small matmuls ~30x slower.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
