@@ -88,15 +88,18 @@ def test_segment_prompts_reach_their_segments(pipe, monkeypatch):
 
 
 def test_prompt_schedule_switches_at_segment_starts(pipe):
+    from mmpl_fast.request import segment_prompts
+
     plan = ChainPlan(mmpl())
-    got = pipe._segment_prompts(None, None, [(0, "a"), (5.0, "b"), (9.6, "c")], 3, plan)
+    got = segment_prompts(None, None, [(0, "a"), (5.0, "b"), (9.6, "c")], 3, plan)
     # segment 1 starts at 81/16 = 5.06 s, segment 2 at 157/16 = 9.81 s
     assert got == ["a", "b", "c"]
 
 
 def run_latents(pipe, **kw):
-    out = pipe(prompt="a red circle", output_type="latent", progress=False, **SIZE, **kw)
-    return out.frames
+    """Each segment's latents ``[S, F, C, h, w]`` (the frames its video shows), as `stream` yields them."""
+    segs = pipe.stream(**{"prompt": "a red circle", **kw}, output_type="latent", progress=False, **SIZE)
+    return torch.stack([seg.latents for seg in segs])
 
 
 def test_same_seed_same_latents_and_batching_invariance(pipe):
@@ -149,7 +152,9 @@ def test_output_types_and_shapes(pipe):
     pil = pipe(prompt="a red circle", num_frames=5, seed=0, output_type="pil", progress=False, **SIZE).frames
     assert len(pil[0]) == 5 and pil[0][0].size == (32, 32)
     lat = pipe(prompt="a red circle", num_frames=n, seed=0, output_type="latent", progress=False, **SIZE).frames
-    assert lat.shape == (2, 21, 16, 4, 4)
+    assert lat.shape == (1, 16, 21 + 19, 4, 4)  # diffusers' [B, C, F, h, w]: segment 1 adds 19 new frames
+    per_segment = run_latents(pipe, num_frames=n, seed=0)
+    assert torch.equal(lat[0].transpose(0, 1), torch.cat([per_segment[0], per_segment[1, 2:]]))
 
 
 def test_callback_can_replace_latents(pipe):
@@ -159,7 +164,7 @@ def test_callback_can_replace_latents(pipe):
         return {}
 
     lat = pipe(prompt="x", num_frames=81, seed=0, output_type="latent", progress=False,
-               callback_on_step_end=zero_plan, **SIZE).frames  # fmt: skip
+               callback_on_step_end=zero_plan, **SIZE).frames.transpose(1, 2)  # fmt: skip
     plan_frames = list(mmpl().stages[1].frames)
     assert torch.count_nonzero(lat[0, plan_frames]) == 0
     assert torch.count_nonzero(lat[0, [4, 5, 6]]) > 0
@@ -167,7 +172,7 @@ def test_callback_can_replace_latents(pipe):
 
 def test_image_start_uses_the_chain_path(pipe):
     img = np.full((32, 32, 3), 200, dtype=np.uint8)
-    lat = pipe(prompt="x", image=img, num_frames=81, seed=0, output_type="latent", progress=False, **SIZE).frames
+    lat = run_latents(pipe, prompt="x", image=img, num_frames=81, seed=0)
     expect = pipe.vae.encode(torch.full((1, 3, 1, 32, 32), 200 / 127.5 - 1))[0]
     assert torch.allclose(lat[0, :1], expect, atol=1e-5)
 
@@ -209,7 +214,8 @@ BAD_CALLS = [
     (dict(layout="spiral"), "unknown layout"),
     (dict(chain="sideways"), "chain mode"),
     (dict(prompt=""), "non-empty"),
-    (dict(prompt=["a", "b"]), "one video per call"),
+    (dict(prompt=[]), "empty list of prompts"),
+    (dict(prompt=["a", ""]), "non-empty"),
     (dict(prompt=None, segment_prompts=[]), "empty"),
     (dict(prompt=None, segment_prompts=["a", "b"]), "needs 1 segments"),
     (dict(prompt=None, prompt_schedule=[(1.0, "a")]), "start at 0"),
@@ -306,7 +312,7 @@ def test_middle_chain_skips_the_stage_whose_frames_the_video_drops(pipe, monkeyp
     monkeypatch.setattr(StageEngine, "run_stage", run_stage)
     kw = dict(prompt="a red circle", num_frames=49 + 44, seed=3, chain="middle", progress=False, **SIZE)
     pruned = pipe(**kw, output_type="pt")
-    pruned_latents = pipe(**kw, output_type="latent").frames
+    pruned_latents = torch.stack([s.latents for s in pipe.stream(**kw, output_type="latent")])
     ran = list(calls)
     assert {k for k, _ in ran} == {0, 1, 2}  # stage 3 (frames 13..18) is never run ...
     assert not [k for k, t in ran if k == 2 and t == 0.0]  # ... nor stage 2's cache pass that only it would read
