@@ -208,8 +208,9 @@ def _check_flags(args) -> dict:
     if devices and args.device and args.device != devices[0]:
         raise ValueError(f"--device {args.device} and --devices {args.devices}: the first of --devices is the "
                          "main device; pass one of them")  # fmt: skip
+    if args.device is not None:
+        check_device(args.device, "--device")
     device = (devices[0] if devices else args.device) or ("cuda" if torch.cuda.is_available() else "cpu")
-    check_device(device, "--device" if not devices else "--devices: device")
     return dict(num_frames=num_frames, prompts=prompts, media=_media(args), out=out, devices=devices, device=device)
 
 

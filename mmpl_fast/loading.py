@@ -292,7 +292,7 @@ def _translate(raw: Mapping, where: str) -> dict:
             continue
         if key in _FIXED:
             allowed = _FIXED[key] if isinstance(_FIXED[key], tuple) else (_FIXED[key],)
-            if value not in allowed:
+            if (list(value) if isinstance(value, tuple) else value) not in allowed:
                 raise CheckpointError(f"{where}: {key}={value!r} is not supported (only {allowed[0]!r})")
             continue
         if key == "attention_head_dim":
@@ -363,8 +363,12 @@ def resolve_model_config(config, state: Mapping[str, torch.Tensor], path: Path) 
     if len(matches) == 1:
         return matches[0]
     cfg = config_from({}, state, str(path), path.stem if path.is_file() else path.name)
-    if _mismatch(state, cfg) is not None:  # say what is wrong against the preset of the same width, if any
-        _check_state(state, _closest_preset(state) or cfg, path)
+    why = _mismatch(state, cfg)
+    if why is not None:  # say what is wrong against the preset of the same width, if there is one
+        closest = _closest_preset(state)
+        why = f"against {closest.name!r}: {_mismatch(state, closest)}" if closest else why
+        raise CheckpointError(f"{path}: no config.json beside the weights, and neither a preset nor the geometry "
+                              f"their shapes give fits them (pass config=); {why}")  # fmt: skip
     return cfg
 
 

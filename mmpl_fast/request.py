@@ -271,14 +271,14 @@ def load_media(path, name: str, clip: bool) -> np.ndarray:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{name} not found: {p}")
+    what = "a video" if clip else "an image"
     if p.is_dir():
-        raise ValueError(f"{name} {p} is a folder; expected an {'video' if clip else 'image'} file")
+        raise ValueError(f"{name} {p} is a folder; expected {what} file")
     import imageio.v3 as iio
 
     try:
         frames = np.stack(list(iio.imiter(p))) if clip else np.asarray(iio.imread(p))
     except Exception as e:  # imageio raises many types for files it cannot decode
-        what = "a video" if clip else "an image"
         raise ValueError(f"{name} {p} is not {what} file imageio can read ({type(e).__name__})") from None
     if frames.dtype != np.uint8 or frames.ndim != (4 if clip else 3) - (frames.shape[-1] not in (3, 4)):
         raise ValueError(f"{name} {p}: expected 8-bit RGB frames, got {frames.dtype} of shape {frames.shape}")
