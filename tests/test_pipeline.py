@@ -427,3 +427,66 @@ def test_checkpoint_kind_and_saved_overrides_set_the_sampling_defaults(tmp_path)
     with pytest.raises(ValueError, match="sampling: unknown keys"):
         Pipeline.tiny().__class__(pipe.transformer, pipe.vae.vae, pipe.text.encoder, pipe.text.tokenizer,
                                   sampling={"cfg": 2})  # fmt: skip
+
+
+# ------------------------------------------------------------------------------- diffusers' inputs
+@pytest.mark.parametrize("kwargs", [dict(), dict(chain="middle"), dict(mode="ar"), dict(image=np.full((32, 32, 3), 90,
+                                    np.uint8))], ids=["mmpl", "middle-chain", "ar", "image-start"])  # fmt: skip
+def test_latents_replace_the_step_0_noise_of_the_whole_video(pipe, kwargs):
+    n = ChainPlan(mmpl() if kwargs.get("mode") != "ar" else ar(), kwargs.get("chain", "terminal")).video_frames(2)
+    call = dict(prompt="a red circle", num_frames=n, seed=4, output_type="latent", progress=False, profile=False,
+                **SIZE, **kwargs)  # fmt: skip
+    keyed = pipe.prepare_latents(4, n, **SIZE, **kwargs)
+    plan = ChainPlan(mmpl() if kwargs.get("mode") != "ar" else ar(), kwargs.get("chain", "terminal"))
+    assert keyed.shape == (1, 16, plan.video_latent_frames(2), 4, 4)
+    base = pipe(**call).frames
+    assert base.shape == keyed.shape  # the output latents have the input's layout
+    assert torch.equal(pipe(**call, latents=keyed).frames, base)  # the keyed noise itself: the keyed output
+    other = torch.randn(keyed.shape, generator=torch.Generator().manual_seed(1))
+    a, b = pipe(**call, latents=other).frames, pipe(**call, latents=other.clone()).frames
+    assert torch.equal(a, b) and not torch.allclose(a, base, atol=1e-3)  # same latents twice: same video
+    # every segment's noise is used: changing one frame of the last segment changes that segment only
+    tweaked = other.clone()
+    tweaked[:, :, -1] += 1
+    c = pipe(**call, latents=tweaked).frames
+    last = plan.video_latent_span(1)[1]
+    assert torch.equal(c[:, :, :last], a[:, :, :last]) and not torch.equal(c[:, :, last:], a[:, :, last:])
+
+
+def test_generator_gives_one_draw_per_video_whatever_the_device_count(pipe):
+    call = dict(prompt="a red circle", num_frames=ChainPlan(mmpl()).video_frames(2), output_type="latent",
+                progress=False, profile=False, **SIZE)  # fmt: skip
+    g1, g2, fresh = (torch.Generator().manual_seed(11) for _ in range(3))
+    one = pipe(**call, generator=g1, devices=["cpu"])
+    two = pipe(**call, generator=g2, devices=["cpu", "cpu"])
+    seed = int(torch.randint(0, 2**63 - 1, (), generator=fresh))  # the documented mapping
+    assert one.info["seeds"] == two.info["seeds"] == [seed]
+    assert torch.equal(one.frames, two.frames)
+    assert torch.equal(g1.get_state(), fresh.get_state()) and torch.equal(g2.get_state(), fresh.get_state())
+    assert torch.equal(pipe(**call, seed=seed).frames, one.frames)
+    again = pipe(**call, generator=g1)  # as diffusers: a reused generator gives a new video
+    assert again.info["seeds"] != [seed] and not torch.equal(again.frames, one.frames)
+
+
+def test_videos_per_prompt_and_prompt_lists_are_the_single_videos_of_their_seeds(pipe):
+    call = dict(num_frames=9, output_type="latent", progress=False, profile=False, **SIZE)
+    out = pipe(prompt=["a red circle", "a blue square"], num_videos_per_prompt=2, seed=20, **call)
+    assert out.frames.shape[0] == 4 and out.info["seeds"] == [20, 21, 22, 23]
+    for b, (prompt, seed) in enumerate([("a red circle", 20), ("a red circle", 21), ("a blue square", 22)]):
+        assert torch.equal(out.frames[b], pipe(prompt=prompt, seed=seed, **call).frames[0])
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    listed = pipe(prompt="a red circle", num_videos_per_prompt=2, generator=gens, **call)
+    assert listed.info["seeds"][0] == int(torch.randint(0, 2**63 - 1, (), generator=torch.Generator().manual_seed(1)))
+    np_out = pipe(prompt="a red circle", num_videos_per_prompt=2, seed=20, **{**call, "output_type": "np"})
+    assert np_out.frames.shape == (2, 9, 32, 32, 3)
+
+
+def test_prompt_embeds_stand_for_the_encoded_prompt(pipe):
+    call = dict(num_frames=9, seed=3, output_type="latent", progress=False, profile=False, guidance_scale=2.0, **SIZE)
+    states = pipe.text(["a red circle"])
+    negative = pipe.text([""])
+    by_text = pipe(prompt="a red circle", **call).frames
+    by_embeds = pipe(prompt_embeds=states, negative_prompt_embeds=negative, **call).frames
+    assert torch.equal(by_text, by_embeds)
+    shorter = pipe(prompt_embeds=states[:, :5], negative_prompt_embeds=negative, **call).frames  # used as given
+    assert not torch.allclose(shorter, by_text)
