@@ -334,6 +334,26 @@ class Pipeline:
         info: dict = {}
         return VideoStream(self._videos(self._request(CallArgs(**args)), info), info)
 
+    def encode_prompt(
+        self, prompt: str | list[str], negative_prompt: str | list[str] = "", max_sequence_length: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """diffusers' `encode_prompt`: the text encoder's states of the prompts and of the negative prompts, each
+        ``[P, L, text_dim]`` with zeroed padding rows (L: `max_sequence_length`, default the model's
+        ``text_len``), ready for ``prompt_embeds=`` / ``negative_prompt_embeds=``."""
+        if self.text is None:
+            raise ValueError("encode_prompt: this pipeline has no text encoder")
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
+        for name, texts in (("prompt", prompts), ("negative_prompt", negatives)):
+            if not isinstance(texts, (list, tuple)) or not texts or any(not isinstance(t, str) for t in texts):
+                raise TypeError(f"{name} must be a string or a non-empty list of strings, got {texts!r}")
+        if len(negatives) != len(prompts):
+            raise ValueError(f"negative_prompt has {len(negatives)} entries but there are {len(prompts)} prompts")
+        length = self.text.text_len if max_sequence_length is None else max_sequence_length
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise ValueError(f"max_sequence_length must be an int >= 1, got {max_sequence_length!r}")
+        return self.text(list(prompts), length), self.text(list(negatives), length)
+
     def _request(self, args: CallArgs) -> Request:
         return build_request(args, self.facts())
 
