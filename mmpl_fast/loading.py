@@ -252,10 +252,10 @@ def checkpoint_index(weights: str | os.PathLike) -> dict:
     """The ``model_index.json`` of the pipeline folder that holds transformer `weights` (a pipeline folder, its
     ``transformer/`` folder or a file in it); {} for a loose checkpoint."""
     path = Path(weights)
+    if path.is_dir() and (path / "model_index.json").is_file():
+        return read_model_index(path)
     folder = path.parent if path.is_file() else path
-    if folder.name == "transformer" and not (folder / "model_index.json").is_file():
-        folder = folder.parent
-    return read_model_index(folder)
+    return read_model_index(folder.parent) if folder.name == "transformer" else {}
 
 
 def infer_geometry(state: Mapping[str, torch.Tensor]) -> dict:

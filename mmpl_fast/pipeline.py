@@ -211,6 +211,7 @@ class Pipeline:
         model, fmt = load_transformer_with_format(weights, config, device=device, dtype=dtype)
         extra = read_model_index(root).get("mmpl_fast", {})
         own = extra if not transformer else checkpoint_index(weights).get("mmpl_fast", {})  # what the weights are
+        own = {} if fmt == "self_forcing" else own
         kind = kind or ("self_forcing" if fmt == "self_forcing" else own.get("kind", "wan"))
         vae = _vae_class(root / "vae").from_pretrained(root / "vae", local_files_only=True, low_cpu_mem_usage=False)
         text_dtype = dtype if dtype is not None else torch.float32

@@ -625,6 +625,9 @@ def test_checkpoint_kind_and_sampling_come_with_the_transformer_not_the_componen
     assert mmpl.facts().sampling == {"sampler": "unipc", "steps": 50, "shift": 5.0, "guidance": 5.0}
     own = Pipeline.from_pretrained(tmp_path / "components")  # its own transformer keeps its kind and overrides
     assert (own.kind, own.facts().sampling["shift"], own.facts().sampling["steps"]) == ("world", 3.0, 20)
+    torch.save({"generator_ema": prefixed(tiny)}, tmp_path / "components" / "sf.pt")  # even inside the folder
+    inside = Pipeline.from_pretrained(tmp_path / "components", transformer=tmp_path / "components" / "sf.pt")
+    assert (inside.kind, inside.sampling) == ("self_forcing", {})
     other = Pipeline.tiny(seed=1)  # a transformer from another pipeline folder brings that folder's kind
     other.kind = "causvid"
     other.save_pretrained(tmp_path / "other")
