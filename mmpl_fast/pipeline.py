@@ -282,7 +282,11 @@ class Pipeline:
         """
         if not isinstance(return_dict, bool):
             raise TypeError(f"return_dict must be True or False, got {return_dict!r}")
-        req = self._request(CallArgs(*args, **kwargs))
+        try:
+            args = CallArgs(*args, **kwargs)
+        except TypeError as e:  # an unknown or repeated argument: name the call the user made
+            raise TypeError(str(e).replace("CallArgs.__init__()", "Pipeline.__call__()")) from None
+        req = self._request(args)
         info: dict = {}
         segments = list(self._videos(req, info))
         frames = None if _rank() != 0 else _assemble(req, segments)
