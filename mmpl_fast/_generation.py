@@ -1,6 +1,10 @@
 """How one `Pipeline.stream` call runs: the pieces behind its execution (internal to the pipeline layer).
 
-* `_Run`: everything one generation needs once its inputs are checked;
+It receives what it needs (the checked run, each device's engine and VAE) and never imports or touches the
+`Pipeline` itself.
+
+* `_Run`: everything one video's generation needs once its inputs are checked;
+* `decode_segment`: a segment's kept latents -> its stitched video;
 * `_DeviceState`, `_Generation`: what each scheduled task does on its device and what each edge between
   devices carries (`scheduler.execute.Work`);
 * `_Emitter`: stitched segment videos -> output frames, in order, trimmed to the asked length;
@@ -14,16 +18,13 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from .chain import ChainPlan, reencode
 from .components import VideoVAE
 from .engine import SegmentJob, StageEngine
-
-if TYPE_CHECKING:
-    from .pipeline import Pipeline
 
 
 @dataclass
@@ -35,11 +36,17 @@ class SegmentFrames:
     frames: Any
     latents: torch.Tensor
     num_segments: int
+    video: int = 0  # which video of the call (`num_videos_per_prompt`, a list of prompts)
 
 
 @dataclass
 class _Run:
-    """Everything one generation needs after its inputs are checked."""
+    """Everything one video's generation needs after its inputs are checked.
+
+    `callback(segment, stage, step, timestep, latents, velocity)` runs after every denoising step (the first
+    segment of a batched launch is named) and may return replacement latents. `latents`, when given, is the
+    video's initial noise ``[F_video, C, h, w]`` (`ChainPlan.video_latent_span` says which segment frame each
+    row starts)."""
 
     plan: ChainPlan
     prompts: list[str]
@@ -51,6 +58,9 @@ class _Run:
     given: torch.Tensor | None  # start latents of segment `first` (image / video / resume), else None
     callback: Callable
     first: int = 0  # segments already finished (resume): the DAG covers segments first .. num_segments - 1
+    host_device: torch.device = torch.device("cpu")  # where the writer's results go
+    spatial: int = 8  # the VAE's spatial compression
+    latents: torch.Tensor | None = None
 
     @property
     def num_segments(self) -> int:
@@ -59,6 +69,20 @@ class _Run:
     def video_frames(self, s: int) -> int:
         """Frames segment `s` adds to the stitched video."""
         return self.plan.first_segment_frames if s == 0 else self.plan.later_segment_frames
+
+    def initial_noise(self, s: int) -> dict[int, torch.Tensor]:
+        """Step-0 noise of segment `s`'s frames from the given `latents` (empty without): frame -> ``[C, h, w]``."""
+        if self.latents is None:
+            return {}
+        frames, at = self.plan.video_latent_span(s)
+        return {f: self.latents[at + k] for k, f in enumerate(frames)}
+
+
+def decode_segment(run: _Run, s: int, latents: torch.Tensor, vae: VideoVAE) -> torch.Tensor:
+    """A segment's stitched (not yet trimmed) video ``[3, T, H, W]`` in [-1, 1] (empty for latent output)."""
+    if run.output_type == "latent":
+        return torch.zeros(0)
+    return run.plan.stitch(s, vae.decode(latents[None, : run.plan.kept_latents]))[0]
 
 
 @dataclass
@@ -87,10 +111,10 @@ class _Generation:
     * a segment's pages on a device are given back after its last stage task there.
     """
 
-    def __init__(self, pipe: Pipeline, run: _Run, schedule, states: dict[int, _DeviceState], workload):
+    def __init__(self, run: _Run, schedule, states: dict[int, _DeviceState], workload):
         from .scheduler import HOST
 
-        self.pipe, self.run_, self.schedule, self.states, self.workload = pipe, run, schedule, states, workload
+        self.run_, self.schedule, self.states, self.workload = run, schedule, states, workload
         self.dag = schedule.dag
         self._last_stage: dict[tuple[int, int], int] = {}  # (segment, device) -> its last stage task there
         for p in sorted(schedule.placements, key=lambda p: p.start):
@@ -132,7 +156,8 @@ class _Generation:
     def _job(self, st: _DeviceState, seg: int) -> SegmentJob:
         if seg not in st.jobs:
             lat = torch.zeros(self.run_.latent_shape, dtype=torch.float32, device=st.device)
-            st.jobs[seg] = SegmentJob(index=seg, prompt=self.run_.prompts[seg], latents=lat)
+            st.jobs[seg] = SegmentJob(index=seg, prompt=self.run_.prompts[seg], latents=lat,
+                                      initial_noise=self.run_.initial_noise(seg))  # fmt: skip
         return st.jobs[seg]
 
     def _start(self, st: _DeviceState, task) -> SegmentJob:
@@ -186,12 +211,12 @@ class _Generation:
         if task.is_stage:
             jobs = [self._start(st, p.task) if p.task.stage == 0 else self._job(st, self._segment(p.task))
                     for p in group]  # fmt: skip
-            self.pipe.current_segment = jobs[0].index
-            st.engine.run_stage(jobs, task.stage, self.run_.callback)
+            segment, callback = jobs[0].index, self.run_.callback
+            st.engine.run_stage(jobs, task.stage, lambda *step: callback(segment, *step))
         elif task.kind == "decode":
             for p in group:
                 seg = self._segment(p.task)
-                st.videos[seg] = self.pipe._decode(self.run_, seg, st.jobs[seg].latents, st.vae)
+                st.videos[seg] = decode_segment(self.run_, seg, st.jobs[seg].latents, st.vae)
 
     def finish(self, launch) -> None:
         st = self.states[launch[0].device]
@@ -218,7 +243,7 @@ class _Generation:
             latents = TensorSpec(tuple(run.latent_shape))
             if run.output_type == "latent":
                 return [latents]
-            h, w = (x * self.pipe.vae.spatial for x in run.latent_shape[2:])
+            h, w = (x * run.spatial for x in run.latent_shape[2:])
             return [TensorSpec((3, run.video_frames(seg), h, w)), latents]
         return []
 
@@ -250,15 +275,16 @@ class _Generation:
         seg = self._segment(p.task)
         (decode,) = [e.src for e in self.dag.preds[p.task.index] if e.kind == "write"]
         dev = self.schedule.placement(decode).device
+        host = self.run_.host_device
         if dev in self.states:
             st = self.states[dev]
             video, latents = st.videos.get(seg, torch.zeros(0)), st.jobs[seg].latents
-            video, latents = video.to(self.pipe.device), latents.to(self.pipe.device)
+            video, latents = video.to(host), latents.to(host)
             self._used(p.task.segment, dev)
         else:
             got = executor.host_inputs(p)[decode]
             video, latents = (torch.zeros(0), got[0]) if self.run_.output_type == "latent" else tuple(got)
-        return video.to(self.pipe.device), latents.to(self.pipe.device)
+        return video.to(host), latents.to(host)
 
     def progress(self, launch, bar) -> None:
         stages = [p for p in launch if p.task.is_stage]
@@ -300,13 +326,13 @@ class _Emitter:
         self.emitted = 0
         self.next = 0
 
-    def emit(self, s: int, video: torch.Tensor, latents: torch.Tensor) -> SegmentFrames:
+    def emit(self, s: int, video: torch.Tensor, latents: torch.Tensor, index: int = 0) -> SegmentFrames:
         assert s == self.next, "segments are emitted in order"
         self.next += 1
         run = self.run
         latents = latents[: run.plan.kept_latents]  # in "middle" mode the later frames are never generated
         if run.output_type == "latent":
-            return SegmentFrames(s, [], latents, run.num_segments)
+            return SegmentFrames(s, [], latents, run.num_segments, index)
         video = video[:, : max(0, run.num_frames - self.emitted)]
         self.emitted += video.shape[1]
         video = ((video + 1) / 2).clamp(0, 1).permute(1, 2, 3, 0).cpu()  # [T, H, W, 3]
@@ -318,7 +344,7 @@ class _Emitter:
             from PIL import Image
 
             frames = [Image.fromarray((f * 255).round().to(torch.uint8).numpy()) for f in video]
-        return SegmentFrames(s, frames, latents, run.num_segments)
+        return SegmentFrames(s, frames, latents, run.num_segments, index)
 
 
 def _rank() -> int:
@@ -333,9 +359,25 @@ def _world() -> int:
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
+def _available_ram() -> int | None:
+    """Bytes of RAM the kernel says a new allocation can take without swapping (``MemAvailable`` of
+    /proc/meminfo); None where that file does not exist (not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the file counts kB
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def _free_memory(device: torch.device) -> int | None:
-    """Free bytes on a CUDA device (what the pre-flight check plans with): NVML's reading through
-    `scheduler.Telemetry`, else CUDA's own; None (not limited) on a CPU."""
+    """Free bytes on a device (what the pre-flight check plans with): on CUDA, NVML's reading through
+    `scheduler.Telemetry`, else CUDA's own; on a CPU, the RAM available (`_available_ram`); None (not limited)
+    where neither is known."""
+    if device.type == "cpu":
+        return _available_ram()
     if device.type != "cuda":
         return None
     from .scheduler import Telemetry

@@ -81,6 +81,19 @@ class ChainPlan:
         extra = max(0, num_frames - self.first_segment_frames)
         return 1 + math.ceil(extra / self.later_segment_frames)
 
+    def video_latent_frames(self, num_segments: int) -> int:
+        """Latent frames of the whole video (diffusers' ``latents`` / ``output_type="latent"`` layout): segment
+        0's kept frames, then each later segment's kept frames after the re-encoded ones. With a 4x VAE this is
+        ``(video_frames - 1) // 4 + 1``, as for a single clip of that length."""
+        return self.kept_latents + (num_segments - 1) * (self.kept_latents - self.start_latents)
+
+    def video_latent_span(self, segment: int) -> tuple[range, int]:
+        """(frames of `segment` the video's latents hold, index of the first of them in those latents)."""
+        if segment == 0:
+            return range(self.kept_latents), 0
+        per = self.kept_latents - self.start_latents
+        return range(self.start_latents, self.kept_latents), self.kept_latents + (segment - 1) * per
+
     @property
     def stages(self) -> tuple[int, ...]:
         """Stages each segment runs: those producing its kept latents (the handoff included) and what they
@@ -117,6 +130,17 @@ def reencode(vae: VideoVAE, latents: torch.Tensor, plan: ChainPlan) -> torch.Ten
     return vae.encode(video)[0, : plan.start_latents].to(latents.dtype)
 
 
+def _start_take(video_frames: int) -> int:
+    """Video frames of a given clip that start the first segment: its last 5 (the re-encode window) when it has
+    them, else its last one."""
+    return REENCODE_VIDEO_FRAMES if video_frames >= REENCODE_VIDEO_FRAMES else 1
+
+
+def start_latents(video_frames: int, temporal: int) -> int:
+    """Latent frames `encode_start` makes of a clip of `video_frames` frames (an image: 1)."""
+    return 1 + (_start_take(video_frames) - 1) // temporal
+
+
 def encode_start(vae: VideoVAE, frames: torch.Tensor) -> torch.Tensor:
     """Given start frames ``[3, T, H, W]`` in [-1, 1] (an image is T = 1) -> start latents ``[n, C, h, w]``.
 
@@ -124,5 +148,4 @@ def encode_start(vae: VideoVAE, frames: torch.Tensor) -> torch.Tensor:
     would; a shorter one its last frame (one latent), so both paths match the chain.
     """
     t = frames.shape[1]
-    take = REENCODE_VIDEO_FRAMES if t >= REENCODE_VIDEO_FRAMES else 1
-    return vae.encode(frames[None, :, t - take :])[0]
+    return vae.encode(frames[None, :, t - _start_take(t) :])[0]

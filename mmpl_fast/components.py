@@ -28,11 +28,12 @@ class TextEncoder:
         return next(self.encoder.parameters()).device
 
     @torch.no_grad()
-    def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+    def __call__(self, prompts: Sequence[str], length: int | None = None) -> torch.Tensor:
+        """``[len(prompts), length, text_dim]`` (default length: `text_len`)."""
         tok = self.tokenizer(
             list(prompts),
             padding="max_length",
-            max_length=self.text_len,
+            max_length=self.text_len if length is None else length,
             truncation=True,
             add_special_tokens=True,
             return_attention_mask=True,

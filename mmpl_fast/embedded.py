@@ -23,13 +23,16 @@ def available() -> bool:
     return (ASSET / "model_index.json").is_file()
 
 
-def load_pipeline(device: torch.device | str = "cpu") -> Pipeline:
-    """The embedded pipeline on `device` (the random tiny one, with a warning, when no weights ship)."""
+def load_pipeline(device: torch.device | str = "cpu", kind: str | None = None) -> Pipeline:
+    """The embedded pipeline on `device` (the random tiny one, with a warning, when no weights ship); `kind`
+    overrides its sampling defaults' kind."""
     if available():
-        return Pipeline.from_pretrained(ASSET, device=device)
+        return Pipeline.from_pretrained(ASSET, device=device, kind=kind)
     print(
         f"warning: no embedded model in {ASSET}; using the random 'tiny' preset (the video will be noise). "
         "Train it with the command in the README, or pass --model for real weights.",
         file=sys.stderr,
     )
-    return Pipeline.tiny(seed=0, device=device)
+    pipe = Pipeline.tiny(seed=0, device=device)
+    pipe.kind = kind or pipe.kind
+    return pipe

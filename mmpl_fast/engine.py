@@ -57,6 +57,8 @@ class SegmentJob:
             the engine moves what it reads and writes.
         given: frames supplied from outside (re-encode, image, video) rather than denoised.
         done: stages finished.
+        initial_noise: frame -> ``[C, h, w]`` step-0 noise replacing the keyed draw of that frame (diffusers'
+            ``latents=``); frames not in it keep the keyed noise, and every later draw stays keyed.
 
     Where the segment's keys and values live is the engine's business (`StageEngine.pages`), so one job can
     move between engines on different devices (`export_pages` / `import_pages`).
@@ -67,6 +69,16 @@ class SegmentJob:
     latents: torch.Tensor
     given: frozenset[int] = frozenset()
     done: set[int] = field(default_factory=set)
+    initial_noise: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def _with_initial_noise(x: torch.Tensor, jobs: Sequence[SegmentJob], frames: Sequence[int]) -> torch.Tensor:
+    """`x` ``[B, F, C, h, w]`` (the keyed step-0 noise of `frames`) with each job's `initial_noise` written in."""
+    for b, j in enumerate(jobs):
+        for k, f in enumerate(frames):
+            if f in j.initial_noise:
+                x[b, k] = j.initial_noise[f].to(x)
+    return x
 
 
 # (stage, step index, model timestep, latents after the step, velocity) -> replacement latents or None
@@ -207,7 +219,7 @@ class StageEngine:
             )
             views = self._views(jobs, todo, reads)
             run = self.sampler.start(device)
-            x = noise(0)
+            x = _with_initial_noise(noise(0), jobs, todo)
             # A step makes no host sync: timesteps are host floats, the views, text K/V and sampler tables are
             # already on the device, and keyed noise moves there asynchronously (tests/test_host_syncs.py).
             for i, t in enumerate(run.timesteps.tolist()):

@@ -8,19 +8,23 @@ components (tokenizer, text encoder, VAE) come from --components.
 from __future__ import annotations
 
 import argparse
+import itertools
+import math
 import os
 import resource
 import sys
 import time
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
 
 from . import distributed
 from .layouts import LAYOUTS
-from .pipeline import FPS, KINDS, MODES, Pipeline
+from .pipeline import FPS, KINDS, MODES, Pipeline, VideoStream
+from .request import SEED_LIMIT, check_device, check_workdir, load_media
 from .sampling import SAMPLERS
 
 EXAMPLE = (
@@ -44,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--negative-prompt", default=None, help="negative prompt for guidance (default: empty)")
     length = g.add_mutually_exclusive_group()
-    length.add_argument("--seconds", type=float, help=f"video length in seconds at {FPS} fps")
+    length.add_argument("--seconds", type=_finite, help=f"video length in seconds at {FPS} fps")
     length.add_argument("--num-frames", type=int, help="video length in frames (default 81, one segment)")
     g.add_argument("--image", help="start the video from this image (video continuation / image-to-video)")
     g.add_argument("--video", help="continue this video clip (its last frames start the first segment)")
@@ -58,9 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="next segment starts from the terminal keyframes, or the middle ones (less work: the "
                         "populate stage after them is skipped)")  # fmt: skip
     h.add_argument("--steps", type=int, help="denoising steps per stage (default by checkpoint kind)")
-    h.add_argument("--guidance", type=float, help="classifier-free guidance scale (default by checkpoint kind)")
+    h.add_argument("--guidance", type=_finite, help="classifier-free guidance scale (default by checkpoint kind)")
     h.add_argument("--sampler", choices=list(SAMPLERS), help="few-step, unipc or euler (default by checkpoint kind)")
-    h.add_argument("--shift", type=float, help="timestep shift (default by checkpoint kind)")
+    h.add_argument("--shift", type=_finite, help="timestep shift (default by checkpoint kind)")
     h.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     h.add_argument("--batch-segments", type=int, default=4,
                    help="at most this many segments hold KV pages on a device at once, and so are populated in one "
@@ -88,25 +92,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _fail(parser: argparse.ArgumentParser, message: str) -> None:
+def _fail(parser: argparse.ArgumentParser, message: str) -> NoReturn:
     parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+
+def _finite(text: str) -> float:
+    """argparse type: a finite float (nan and inf are refused with the flag named)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def _read_prompts(path: str) -> dict:
     f = Path(path)
-    if not f.is_file():
+    if not f.exists():
         raise FileNotFoundError(f"--prompts-file not found: {f}")
-    lines = [ln.strip() for ln in f.read_text().splitlines() if ln.strip()]
+    if not f.is_file():
+        raise ValueError(f"--prompts-file {f} is a folder; expected a text file")
+    try:
+        text = f.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"--prompts-file {f} is not a UTF-8 text file") from None
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not lines:
         raise ValueError(f"--prompts-file {f} holds no prompts")
     if all("\t" in ln for ln in lines):
         sched = []
         for ln in lines:
-            t, text = ln.split("\t", 1)
+            t, prompt = ln.split("\t", 1)
             try:
-                sched.append((float(t), text.strip()))
-            except ValueError:
-                raise ValueError(f"--prompts-file {f}: {t!r} is not a number of seconds") from None
+                sched.append((_finite(t), prompt.strip()))
+            except argparse.ArgumentTypeError:
+                raise ValueError(f"--prompts-file {f}: {t!r} is not a finite number of seconds") from None
         return {"prompt_schedule": sched}
     return {"segment_prompts": lines}
 
@@ -115,36 +136,31 @@ def _check_out(path: str, suffix: str = ".mp4", flag: str = "--out") -> Path:
     out = Path(path)
     if out.suffix.lower() != suffix:
         raise ValueError(f"{flag} {out}: only {suffix} output is supported")
+    if out.is_dir():
+        raise ValueError(f"{flag} {out} is a folder; expected a {suffix} file name")
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
-        raise ValueError(f"{flag} {out}: folder {parent} does not exist")
+        why = "is a file, not a folder" if parent.exists() else "does not exist"
+        raise ValueError(f"{flag} {out}: folder {parent} {why}")
     if not os.access(parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
         raise ValueError(f"{flag} {out}: not writable")
     return out
 
 
-def _load_media(args) -> dict:
-    import imageio.v3 as iio
-
+def _media(args) -> dict:
     if args.image:
-        if not Path(args.image).is_file():
-            raise FileNotFoundError(f"--image not found: {args.image}")
-        return {"image": iio.imread(args.image)[..., :3]}
+        return {"image": load_media(args.image, "--image", clip=False)}
     if args.video:
-        if not Path(args.video).is_file():
-            raise FileNotFoundError(f"--video not found: {args.video}")
-        return {"video": np.stack([f[..., :3] for f in iio.imiter(args.video)])}
+        return {"video": load_media(args.video, "--video", clip=True)}
     return {}
 
 
 def load_pipeline(model: str | None, components: str | None, device: str, kind: str | None = None) -> Pipeline:
+    """The pipeline --model / --components name (default: the embedded model)."""
     if model is None:
         from . import embedded
 
-        pipe = embedded.load_pipeline(device=device)
-        if kind is not None:
-            pipe.kind = kind
-        return pipe
+        return embedded.load_pipeline(device=device, kind=kind)
     path = Path(model)
     if not path.exists():
         raise FileNotFoundError(f"--model not found: {path}")
@@ -153,83 +169,93 @@ def load_pipeline(model: str | None, components: str | None, device: str, kind: 
     if components is None:
         raise ValueError(f"--model {path} is a transformer checkpoint: pass --components DIR (a diffusers Wan2.1 "
                          "folder with tokenizer, text_encoder and vae)")  # fmt: skip
+    if not Path(components).is_dir():
+        what = "is a file" if Path(components).exists() else "does not exist"
+        raise ValueError(f"--components {components} {what}; expected a diffusers Wan2.1 pipeline folder")
     return Pipeline.from_pretrained(components, transformer=path, device=device, kind=kind)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        if args.seconds is not None and not args.seconds > 0:
-            raise ValueError(f"--seconds must be > 0, got {args.seconds}")
-        num_frames = args.num_frames if args.num_frames is not None else 81
-        if args.seconds is not None:
-            num_frames = round(args.seconds * FPS) + 1
-        if num_frames <= 0:
-            raise ValueError(f"--num-frames must be > 0, got {num_frames}")
-        for name in ("height", "width", "steps", "batch_segments"):
-            v = getattr(args, name)
-            if v is not None and v <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {v}")
-        if args.guidance is not None and args.guidance < 0:
-            raise ValueError(f"--guidance must be >= 0, got {args.guidance}")
-        if args.seed < 0:
-            raise ValueError(f"--seed must be >= 0, got {args.seed}")
-        if args.image and args.video:
-            raise ValueError("pass --image or --video, not both")
-        out = _check_out(args.out)
-        if args.timeline is not None:
-            _check_out(args.timeline, suffix=".png", flag="--timeline")
-        prompts = {"prompt": args.prompt} if args.prompt is not None else _read_prompts(args.prompts_file)
-        if "prompt" in prompts and not args.prompt.strip():
-            raise ValueError("--prompt is empty")
-        media = _load_media(args)
-        devices = _split_devices(args.devices)
-        if devices and args.device and args.device != devices[0]:
-            raise ValueError(f"--device {args.device} and --devices {args.devices}: the first of --devices is the "
-                             "main device; pass one of them")  # fmt: skip
-        device = (devices[0] if devices else args.device) or ("cuda" if torch.cuda.is_available() else "cpu")
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available on this machine")
-        if distributed.init_from_env(device) and device == "cuda":
-            device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # torchrun: one GPU per local rank
-        if args.shift is not None and not args.shift > 0:
-            raise ValueError(f"--shift must be > 0, got {args.shift}")
-        pipe = load_pipeline(args.model, args.components, device, args.kind)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        _fail(parser, str(e))
+def _check_flags(args) -> dict:
+    """Every check that needs no model (so a bad flag fails in a second, before the model loads); returns what
+    the run needs: frames, prompts, media, the output paths and the device."""
+    if args.seconds is not None and not args.seconds > 0:
+        raise ValueError(f"--seconds must be > 0, got {args.seconds}")
+    num_frames = args.num_frames if args.num_frames is not None else 81
+    if args.seconds is not None:
+        num_frames = round(args.seconds * FPS) + 1
+    if num_frames <= 0:
+        raise ValueError(f"--num-frames must be > 0, got {num_frames}")
+    for name in ("height", "width", "steps", "batch_segments"):
+        v = getattr(args, name)
+        if v is not None and v <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {v}")
+    if args.guidance is not None and args.guidance < 0:
+        raise ValueError(f"--guidance must be >= 0, got {args.guidance}")
+    if args.shift is not None and not args.shift > 0:
+        raise ValueError(f"--shift must be > 0, got {args.shift}")
+    if not 0 <= args.seed < SEED_LIMIT:
+        raise ValueError(f"--seed must be >= 0 and < 2**63, got {args.seed}")
+    if args.image and args.video:
+        raise ValueError("pass --image or --video, not both")
+    out = _check_out(args.out)
+    if args.timeline is not None:
+        _check_out(args.timeline, suffix=".png", flag="--timeline")
+    check_workdir(args.workdir, "--workdir")
+    prompts = {"prompt": args.prompt} if args.prompt is not None else _read_prompts(args.prompts_file)
+    if "prompt" in prompts and not args.prompt.strip():
+        raise ValueError("--prompt is empty")
+    devices = _split_devices(args.devices)
+    if devices and args.device and args.device != devices[0]:
+        raise ValueError(f"--device {args.device} and --devices {args.devices}: the first of --devices is the "
+                         "main device; pass one of them")  # fmt: skip
+    if args.device is not None:
+        check_device(args.device, "--device")
+    device = (devices[0] if devices else args.device) or ("cuda" if torch.cuda.is_available() else "cpu")
+    return dict(num_frames=num_frames, prompts=prompts, media=_media(args), out=out, devices=devices, device=device)
 
+
+def _prepare(args) -> tuple[Pipeline, VideoStream, Path]:
+    """Checks, the pipeline, and the checked call (`Pipeline.stream` refuses bad arguments before any work)."""
+    run = _check_flags(args)
+    device = run["device"]
+    if distributed.init_from_env(device) and device == "cuda":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # torchrun: one GPU per local rank
+    pipe = load_pipeline(args.model, args.components, device, args.kind)
+    stream = pipe.stream(
+        negative_prompt=args.negative_prompt, height=args.height, width=args.width, num_frames=run["num_frames"],
+        num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler, shift=args.shift,
+        seed=args.seed, mode=args.mode, layout=args.layout, chain=args.chain, batch_segments=args.batch_segments,
+        workdir=args.workdir, policy=args.policy, devices=run["devices"], progress=not args.quiet,
+        output_type="np", **run["prompts"], **run["media"],
+    )  # fmt: skip
+    return pipe, stream, run["out"]
+
+
+def _write(stream: VideoStream, out: Path) -> int:
+    """Write the stream's frames to `out` through a temporary file renamed at the end (nothing is left behind
+    when the run fails); the number of frames written."""
     import imageio.v2 as imageio
 
-    if distributed.rank() != 0:  # torchrun: rank 0 writes the video, the others only compute
-        for _ in pipe.stream(**_call_kwargs(args, num_frames, prompts, media, {})):
-            pass
-        return 0
     tmp = out.with_name(f".{out.stem}.partial{out.suffix}")
-    start = time.perf_counter()
-    info: dict = {}
     written = 0
     try:
-        kwargs = _call_kwargs(args, num_frames, prompts, media, info)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            stream = pipe.stream(**kwargs)
-            first = next(stream)
-            for w in caught:
-                print(f"note: {w.message}", file=sys.stderr)
+            first = next(stream)  # the pre-flight memory check runs here, before the file is opened
+        for w in caught:
+            print(f"note: {w.message}", file=sys.stderr)
         with imageio.get_writer(tmp, fps=FPS, codec="libx264", quality=8, macro_block_size=1) as writer:
-            for seg in _chain(first, stream):
+            for seg in itertools.chain([first], stream):
                 for frame in seg.frames:
                     writer.append_data((frame * 255).round().astype(np.uint8))
                     written += 1
         os.replace(tmp, out)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    finally:
         tmp.unlink(missing_ok=True)
-        _fail(parser, str(e))
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    wall = time.perf_counter() - start
+    return written
+
+
+def _report(args, pipe: Pipeline, info: dict, out: Path, written: int, wall: float) -> None:
     if args.timeline is not None and "measured" in info:
         from .scheduler import plot_timeline
 
@@ -246,18 +272,27 @@ def main(argv: list[str] | None = None) -> int:
         f"layout {info.get('layout')}, seed {info.get('seed')}) in {wall:.1f} s = {written / wall:.2f} frames/s; "
         f"peak memory {peak}"
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; a bad flag or input exits with status 2 and one line naming it, writing nothing."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        pipe, stream, out = _prepare(args)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        _fail(parser, str(e))
+    if distributed.rank() != 0:  # torchrun: rank 0 writes the video, the others only compute
+        for _ in stream:
+            pass
+        return 0
+    start = time.perf_counter()
+    try:
+        written = _write(stream, out)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        _fail(parser, str(e))
+    _report(args, pipe, stream.info, out, written, time.perf_counter() - start)
     return 0
-
-
-def _call_kwargs(args, num_frames: int, prompts: dict, media: dict, info: dict) -> dict:
-    return dict(
-        negative_prompt=args.negative_prompt, height=args.height, width=args.width, num_frames=num_frames,
-        num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler, shift=args.shift,
-        seed=args.seed, mode=args.mode,
-        layout=args.layout, chain=args.chain, batch_segments=args.batch_segments, workdir=args.workdir,
-        policy=args.policy, devices=_split_devices(args.devices), progress=not args.quiet, output_type="np",
-        _info=info, **prompts, **media,
-    )  # fmt: skip
 
 
 def _split_devices(text: str | None) -> list[str] | None:
@@ -266,12 +301,9 @@ def _split_devices(text: str | None) -> list[str] | None:
     devices = [d.strip() for d in text.split(",") if d.strip()]
     if not devices:
         raise ValueError(f"--devices {text!r}: expected a comma-separated list such as cuda:0,cuda:1")
+    for d in devices:
+        check_device(d, "--devices: device")
     return devices
-
-
-def _chain(first, rest):
-    yield first
-    yield from rest
 
 
 if __name__ == "__main__":

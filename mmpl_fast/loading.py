@@ -14,14 +14,16 @@ never held twice. Every error names the file, and where it applies the key and w
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 
-from .config import PRESETS, ModelConfig, resolve_config
+from .config import PRESETS, ModelConfig
 from .model import CausalWanModel
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
@@ -221,49 +223,153 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
 
 
 # ------------------------------------------------------------------------------------------- config
-def _config_from_json(files: list[Path]) -> ModelConfig | None:
-    cfg_path = files[0].parent / "config.json"
-    if not cfg_path.exists():
-        return None
+#: Wan2.1's head size: without a config, the head count is dim / 128.
+WAN_HEAD_DIM = 128
+#: Other names of `ModelConfig` fields: the original Wan ``config.json`` and diffusers' `WanTransformer3DModel`.
+_ALIASES = {"in_dim": "in_channels", "out_dim": "out_channels", "num_attention_heads": "num_heads",
+            "rope_max_seq_len": "rope_max"}  # fmt: skip
+#: Fields of those configs that describe nothing this model varies: the only value it supports for each.
+_FIXED = {"model_type": "t2v", "window_size": [-1, -1], "qk_norm": (True, "rms_norm_across_heads"),
+          "cross_attn_norm": True, "image_dim": None, "added_kv_proj_dim": None, "pos_embed_seq_len": None}  # fmt: skip
+_FIELDS = {f for f in ModelConfig.__dataclass_fields__ if f != "name"}
+
+
+def read_model_index(folder: str | os.PathLike) -> dict:
+    """A pipeline folder's ``model_index.json`` ({} when there is none)."""
+    index = Path(folder) / "model_index.json"
+    if not index.is_file():
+        return {}
     try:
-        raw = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path}: not valid JSON: {e}") from e
+        raw = json.loads(index.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{index}: not valid JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{index}: expected a JSON object, found {type(raw).__name__}")
+    return raw
+
+
+def checkpoint_index(weights: str | os.PathLike) -> dict:
+    """The ``model_index.json`` of the pipeline folder that holds transformer `weights` (a pipeline folder, its
+    ``transformer/`` folder or a file in it); {} for a loose checkpoint."""
+    path = Path(weights)
+    if path.is_dir() and (path / "model_index.json").is_file():
+        return read_model_index(path)
+    folder = path.parent if path.is_file() else path
+    return read_model_index(folder.parent) if folder.name == "transformer" else {}
+
+
+def infer_geometry(state: Mapping[str, torch.Tensor]) -> dict:
+    """Everything the weights' shapes fix (this package's field names): dim, in/out channels, patch, layers,
+    ffn, text_dim, freq_dim. The head count is not among them."""
     try:
-        if "num_attention_heads" in raw:  # diffusers
-            return ModelConfig(
-                name=f"{cfg_path.parent.name}",
-                dim=raw["num_attention_heads"] * raw["attention_head_dim"],
-                num_heads=raw["num_attention_heads"],
-                num_layers=raw["num_layers"],
-                ffn_dim=raw["ffn_dim"],
-                freq_dim=raw.get("freq_dim", 256),
-                text_dim=raw.get("text_dim", 4096),
-                in_channels=raw.get("in_channels", 16),
-                out_channels=raw.get("out_channels", 16),
-                patch_size=tuple(raw.get("patch_size", (1, 2, 2))),
-                eps=raw.get("eps", 1e-6),
-                rope_max=raw.get("rope_max_seq_len", 1024),
-                text_len=raw.get("text_len", 512),  # not a diffusers field: Wan pads text to 512 rows
-            )
-        if "num_heads" in raw and "dim" in raw:  # original Wan
-            return ModelConfig(
-                name=f"{cfg_path.parent.name}",
-                dim=raw["dim"],
-                num_heads=raw["num_heads"],
-                num_layers=raw["num_layers"],
-                ffn_dim=raw["ffn_dim"],
-                freq_dim=raw.get("freq_dim", 256),
-                text_dim=raw.get("text_dim", 4096),
-                text_len=raw.get("text_len", 512),
-                in_channels=raw.get("in_dim", 16),
-                out_channels=raw.get("out_dim", 16),
-                patch_size=tuple(raw.get("patch_size", (1, 2, 2))),
-                eps=raw.get("eps", 1e-6),
-            )
-    except (KeyError, TypeError, ValueError) as e:  # ValueError: ModelConfig's own validation
-        raise CheckpointError(f"{cfg_path}: missing or malformed field {e}") from e
-    return None
+        dim, cin, *patch = state["patch_embedding.weight"].shape
+        out = dict(dim=dim, in_channels=cin, patch_size=tuple(patch))
+        out["num_layers"] = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+        out["ffn_dim"] = state["blocks.0.ffn.0.weight"].shape[0]
+        out["text_dim"] = state["text_embedding.0.weight"].shape[1]
+        out["freq_dim"] = state["time_embedding.0.weight"].shape[1]
+        out["out_channels"] = state["head.head.weight"].shape[0] // math.prod(patch)
+    except (KeyError, ValueError) as e:  # a key is missing, or a tensor has the wrong number of dimensions
+        raise CheckpointError(f"cannot read the geometry from the weights: {e!r} is missing or malformed") from None
+    return {k: int(v) if not isinstance(v, tuple) else tuple(int(x) for x in v) for k, v in out.items()}
+
+
+def _heads(dim: int, where: str) -> int:
+    if dim % WAN_HEAD_DIM:
+        raise CheckpointError(f"{where}: cannot infer num_heads: dim {dim} is not a multiple of Wan2.1's head_dim "
+                              f"{WAN_HEAD_DIM}; pass config={{'num_heads': N}}")  # fmt: skip
+    heads = dim // WAN_HEAD_DIM
+    warnings.warn(f"{where}: no head count given: assuming Wan2.1's head_dim {WAN_HEAD_DIM}, {heads} heads for dim "
+                  f"{dim} (pass config= to override)", stacklevel=4)  # fmt: skip
+    return heads
+
+
+def _translate(raw: Mapping, where: str) -> dict:
+    """A config in the original Wan, diffusers or this package's naming -> `ModelConfig` fields."""
+    out: dict = {}
+    for key, value in raw.items():
+        if not isinstance(key, str) or key.startswith("_") or key == "name":
+            continue
+        if key in _FIXED:
+            allowed = _FIXED[key] if isinstance(_FIXED[key], tuple) else (_FIXED[key],)
+            if (list(value) if isinstance(value, tuple) else value) not in allowed:
+                raise CheckpointError(f"{where}: {key}={value!r} is not supported (only {allowed[0]!r})")
+            continue
+        if key == "attention_head_dim":
+            continue  # with num_attention_heads below
+        field = _ALIASES.get(key, key)
+        if field not in _FIELDS:
+            raise CheckpointError(f"{where}: unknown config field {key!r} (Wan, diffusers or ModelConfig names)")
+        if field in out:
+            raise CheckpointError(f"{where}: {field} is given twice (as {key!r} and another name)")
+        out[field] = tuple(value) if field == "patch_size" and isinstance(value, list) else value
+    if "attention_head_dim" in raw:
+        if "num_heads" not in out:
+            raise CheckpointError(f"{where}: attention_head_dim without num_attention_heads")
+        head_dim = raw["attention_head_dim"]
+        if "dim" in out and out["dim"] != out["num_heads"] * head_dim:
+            raise CheckpointError(f"{where}: dim {out['dim']} != num_heads x attention_head_dim")
+        out["dim"] = out["num_heads"] * head_dim
+    return out
+
+
+def config_from(raw: Mapping, state: Mapping[str, torch.Tensor], where: str, name: str) -> ModelConfig:
+    """A `ModelConfig` from a (possibly partial) config dict in any naming; fields it lacks come from the
+    weights' shapes, and the head count from Wan2.1's head_dim 128 (with a warning saying so)."""
+    fields = {**infer_geometry(state), **_translate(raw, where)} if state else _translate(raw, where)
+    if "num_heads" not in fields and "dim" in fields:
+        fields["num_heads"] = _heads(fields["dim"], where)
+    try:
+        return ModelConfig(name=str(raw.get("name", name)), **fields)
+    except (TypeError, ValueError) as e:  # a missing field (no weights to infer it from) or ModelConfig's checks
+        raise CheckpointError(f"{where}: missing or malformed field {e}") from e
+
+
+def _read_config_json(path: Path) -> dict:
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON: {e}") from e
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read: {e.strerror or e}") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(raw).__name__}")
+    return raw
+
+
+def resolve_model_config(config, state: Mapping[str, torch.Tensor], path: Path) -> ModelConfig:
+    """The checkpoint's `ModelConfig`, from `config` (a preset name, a `ModelConfig`, a dict, or a path to a
+    config.json) or, without one, from the config.json beside the weights, else from the one preset whose shapes
+    match, else from the weights' shapes (`config_from`)."""
+    if isinstance(config, ModelConfig):
+        return config
+    if isinstance(config, str) and config in PRESETS:
+        return PRESETS[config]
+    if isinstance(config, (str, os.PathLike)):
+        file = Path(config)
+        if not file.is_file():
+            what = "is a folder" if file.is_dir() else "is neither a preset nor an existing file"
+            raise ValueError(f"config {str(config)!r} {what}; expected a preset ({', '.join(PRESETS)}), a "
+                             "ModelConfig, a dict or a path to a config.json")  # fmt: skip
+        return config_from(_read_config_json(file), state, str(file), file.parent.name)
+    if isinstance(config, Mapping):
+        return config_from(config, state, f"{path}: config", "custom")
+    if config is not None:
+        raise TypeError(f"config must be a preset name, ModelConfig, dict or config.json path, got {type(config)}")
+    beside = _weight_files(path)[0].parent / "config.json"
+    if beside.is_file():
+        return config_from(_read_config_json(beside), state, str(beside), beside.parent.name)
+    matches = [cfg for cfg in PRESETS.values() if _mismatch(state, cfg) is None]
+    if len(matches) == 1:
+        return matches[0]
+    cfg = config_from({}, state, str(path), path.stem if path.is_file() else path.name)
+    why = _mismatch(state, cfg)
+    if why is not None:  # say what is wrong against the preset of the same width, if there is one
+        closest = _closest_preset(state)
+        why = f"against {closest.name!r}: {_mismatch(state, closest)}" if closest else why
+        raise CheckpointError(f"{path}: no config.json beside the weights, and neither a preset nor the geometry "
+                              f"their shapes give fits them (pass config=); {why}")  # fmt: skip
+    return cfg
 
 
 def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -304,29 +410,19 @@ def _check_state(state: Mapping[str, torch.Tensor], config: ModelConfig, path: P
         raise CheckpointError(f"{path}: {why}")
 
 
-def _guess_config(state: Mapping[str, torch.Tensor], path: Path) -> ModelConfig:
-    why = {name: _mismatch(state, cfg) for name, cfg in PRESETS.items()}
-    matches = [PRESETS[name] for name, w in why.items() if w is None]
-    if len(matches) == 1:
-        return matches[0]
-    closest = ""
-    if not matches:  # say what is wrong against the preset of the same width (and depth), if there is one
-        dim = state["patch_embedding.weight"].shape[0] if "patch_embedding.weight" in state else None
-        layers = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-        same_dim = [name for name, cfg in PRESETS.items() if cfg.dim == dim]
-        if len(same_dim) > 1:
-            same_dim = [name for name in same_dim if PRESETS[name].num_layers == layers]
-        if len(same_dim) == 1:
-            closest = f"; against {same_dim[0]!r}: {why[same_dim[0]]}"
-    raise CheckpointError(
-        f"{path}: weights ({_describe(state)}) match {len(matches)} presets and there is no config.json "
-        f"beside them; pass config= one of {', '.join(PRESETS)} or a ModelConfig{closest}"
-    )
+def _closest_preset(state: Mapping[str, torch.Tensor]) -> ModelConfig | None:
+    """The preset of the weights' width (and depth, if several share it), or None."""
+    dim = state["patch_embedding.weight"].shape[0] if "patch_embedding.weight" in state else None
+    layers = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    same = [cfg for cfg in PRESETS.values() if cfg.dim == dim]
+    if len(same) > 1:
+        same = [cfg for cfg in same if cfg.num_layers == layers]
+    return same[0] if len(same) == 1 else None
 
 
 def load_transformer(
     path: str | os.PathLike,
-    config: str | ModelConfig | None = None,
+    config: str | os.PathLike | ModelConfig | Mapping | None = None,
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
@@ -337,7 +433,7 @@ def load_transformer(
 
 def load_transformer_with_format(
     path: str | os.PathLike,
-    config: str | ModelConfig | None = None,
+    config: str | os.PathLike | ModelConfig | Mapping | None = None,
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
@@ -347,15 +443,15 @@ def load_transformer_with_format(
 
     Args:
         path: a weights file, a transformer folder, or a diffusers pipeline folder (``transformer/`` inside).
-        config: preset name or `ModelConfig`; default: ``config.json`` beside the weights, else the one preset
-            whose shapes match.
+        config: a preset name, a `ModelConfig`, a dict or the path of a config.json, in the original Wan
+            naming (``dim``, ``in_dim``, ``num_heads``, ...), diffusers' (``num_attention_heads``, ...) or
+            `ModelConfig`'s; fields it lacks come from the weights' shapes. Default: ``config.json`` beside the
+            weights, else the one preset whose shapes match, else the shapes alone (`resolve_model_config`).
         device, dtype: where and how to keep the weights (default dtype: as stored).
     """
     path = Path(path)
     state, fmt = read_state_dict(path)
-    if config is None:
-        config = _config_from_json(_weight_files(path)) or _guess_config(state, path)
-    config = resolve_config(config)
+    config = resolve_model_config(config, state, path)
     _check_state(state, config, path)
     with torch.device("meta"):
         model = CausalWanModel(config)

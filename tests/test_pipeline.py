@@ -88,18 +88,24 @@ def test_segment_prompts_reach_their_segments(pipe, monkeypatch):
 
 
 def test_prompt_schedule_switches_at_segment_starts(pipe):
+    from mmpl_fast.request import segment_prompts
+
     plan = ChainPlan(mmpl())
-    got = pipe._segment_prompts(None, None, [(0, "a"), (5.0, "b"), (9.6, "c")], 3, plan)
+    got = segment_prompts(None, None, [(0, "a"), (5.0, "b"), (9.6, "c")], 3, plan)
     # segment 1 starts at 81/16 = 5.06 s, segment 2 at 157/16 = 9.81 s
     assert got == ["a", "b", "c"]
 
 
 def run_latents(pipe, **kw):
-    out = pipe(prompt="a red circle", output_type="latent", progress=False, **SIZE, **kw)
-    return out.frames
+    """Each segment's latents ``[S, F, C, h, w]`` (the frames its video shows), as `stream` yields them."""
+    segs = pipe.stream(**{"prompt": "a red circle", **kw}, output_type="latent", progress=False, **SIZE)
+    return torch.stack([seg.latents for seg in segs])
 
 
-def test_same_seed_same_latents_and_batching_invariance(pipe):
+def test_same_seed_same_latents_and_batching_invariance(pipe, monkeypatch, tmp_path):
+    # The adaptive policy packs launches by the cached profile, which earlier tests of a session fill with times
+    # measured on a loaded machine: plan from the cost estimate alone, so that this run does batch segments.
+    monkeypatch.setenv("MMPL_FAST_CACHE_DIR", str(tmp_path))
     n = ChainPlan(mmpl()).video_frames(3)
     out = pipe(prompt="a red circle", output_type="latent", progress=False, num_frames=n, seed=7, batch_segments=3,
                **SIZE)  # fmt: skip
@@ -149,7 +155,9 @@ def test_output_types_and_shapes(pipe):
     pil = pipe(prompt="a red circle", num_frames=5, seed=0, output_type="pil", progress=False, **SIZE).frames
     assert len(pil[0]) == 5 and pil[0][0].size == (32, 32)
     lat = pipe(prompt="a red circle", num_frames=n, seed=0, output_type="latent", progress=False, **SIZE).frames
-    assert lat.shape == (2, 21, 16, 4, 4)
+    assert lat.shape == (1, 16, 21 + 19, 4, 4)  # diffusers' [B, C, F, h, w]: segment 1 adds 19 new frames
+    per_segment = run_latents(pipe, num_frames=n, seed=0)
+    assert torch.equal(lat[0].transpose(0, 1), torch.cat([per_segment[0], per_segment[1, 2:]]))
 
 
 def test_callback_can_replace_latents(pipe):
@@ -159,7 +167,7 @@ def test_callback_can_replace_latents(pipe):
         return {}
 
     lat = pipe(prompt="x", num_frames=81, seed=0, output_type="latent", progress=False,
-               callback_on_step_end=zero_plan, **SIZE).frames  # fmt: skip
+               callback_on_step_end=zero_plan, **SIZE).frames.transpose(1, 2)  # fmt: skip
     plan_frames = list(mmpl().stages[1].frames)
     assert torch.count_nonzero(lat[0, plan_frames]) == 0
     assert torch.count_nonzero(lat[0, [4, 5, 6]]) > 0
@@ -167,7 +175,7 @@ def test_callback_can_replace_latents(pipe):
 
 def test_image_start_uses_the_chain_path(pipe):
     img = np.full((32, 32, 3), 200, dtype=np.uint8)
-    lat = pipe(prompt="x", image=img, num_frames=81, seed=0, output_type="latent", progress=False, **SIZE).frames
+    lat = run_latents(pipe, prompt="x", image=img, num_frames=81, seed=0)
     expect = pipe.vae.encode(torch.full((1, 3, 1, 32, 32), 200 / 127.5 - 1))[0]
     assert torch.allclose(lat[0, :1], expect, atol=1e-5)
 
@@ -209,7 +217,8 @@ BAD_CALLS = [
     (dict(layout="spiral"), "unknown layout"),
     (dict(chain="sideways"), "chain mode"),
     (dict(prompt=""), "non-empty"),
-    (dict(prompt=["a", "b"]), "one video per call"),
+    (dict(prompt=[]), "empty list of prompts"),
+    (dict(prompt=["a", ""]), "non-empty"),
     (dict(prompt=None, segment_prompts=[]), "empty"),
     (dict(prompt=None, segment_prompts=["a", "b"]), "needs 1 segments"),
     (dict(prompt=None, prompt_schedule=[(1.0, "a")]), "start at 0"),
@@ -306,7 +315,7 @@ def test_middle_chain_skips_the_stage_whose_frames_the_video_drops(pipe, monkeyp
     monkeypatch.setattr(StageEngine, "run_stage", run_stage)
     kw = dict(prompt="a red circle", num_frames=49 + 44, seed=3, chain="middle", progress=False, **SIZE)
     pruned = pipe(**kw, output_type="pt")
-    pruned_latents = pipe(**kw, output_type="latent").frames
+    pruned_latents = torch.stack([s.latents for s in pipe.stream(**kw, output_type="latent")])
     ran = list(calls)
     assert {k for k, _ in ran} == {0, 1, 2}  # stage 3 (frames 13..18) is never run ...
     assert not [k for k, t in ran if k == 2 and t == 0.0]  # ... nor stage 2's cache pass that only it would read
@@ -421,3 +430,66 @@ def test_checkpoint_kind_and_saved_overrides_set_the_sampling_defaults(tmp_path)
     with pytest.raises(ValueError, match="sampling: unknown keys"):
         Pipeline.tiny().__class__(pipe.transformer, pipe.vae.vae, pipe.text.encoder, pipe.text.tokenizer,
                                   sampling={"cfg": 2})  # fmt: skip
+
+
+# ------------------------------------------------------------------------------- diffusers' inputs
+@pytest.mark.parametrize("kwargs", [dict(), dict(chain="middle"), dict(mode="ar"), dict(image=np.full((32, 32, 3), 90,
+                                    np.uint8))], ids=["mmpl", "middle-chain", "ar", "image-start"])  # fmt: skip
+def test_latents_replace_the_step_0_noise_of_the_whole_video(pipe, kwargs):
+    n = ChainPlan(mmpl() if kwargs.get("mode") != "ar" else ar(), kwargs.get("chain", "terminal")).video_frames(2)
+    call = dict(prompt="a red circle", num_frames=n, seed=4, output_type="latent", progress=False, profile=False,
+                **SIZE, **kwargs)  # fmt: skip
+    keyed = pipe.prepare_latents(4, n, **SIZE, **kwargs)
+    plan = ChainPlan(mmpl() if kwargs.get("mode") != "ar" else ar(), kwargs.get("chain", "terminal"))
+    assert keyed.shape == (1, 16, plan.video_latent_frames(2), 4, 4)
+    base = pipe(**call).frames
+    assert base.shape == keyed.shape  # the output latents have the input's layout
+    assert torch.equal(pipe(**call, latents=keyed).frames, base)  # the keyed noise itself: the keyed output
+    other = torch.randn(keyed.shape, generator=torch.Generator().manual_seed(1))
+    a, b = pipe(**call, latents=other).frames, pipe(**call, latents=other.clone()).frames
+    assert torch.equal(a, b) and not torch.allclose(a, base, atol=1e-3)  # same latents twice: same video
+    # every segment's noise is used: changing one frame of the last segment changes that segment only
+    tweaked = other.clone()
+    tweaked[:, :, -1] += 1
+    c = pipe(**call, latents=tweaked).frames
+    last = plan.video_latent_span(1)[1]
+    assert torch.equal(c[:, :, :last], a[:, :, :last]) and not torch.equal(c[:, :, last:], a[:, :, last:])
+
+
+def test_generator_gives_one_draw_per_video_whatever_the_device_count(pipe):
+    call = dict(prompt="a red circle", num_frames=ChainPlan(mmpl()).video_frames(2), output_type="latent",
+                progress=False, profile=False, **SIZE)  # fmt: skip
+    g1, g2, fresh = (torch.Generator().manual_seed(11) for _ in range(3))
+    one = pipe(**call, generator=g1, devices=["cpu"])
+    two = pipe(**call, generator=g2, devices=["cpu", "cpu"])
+    seed = int(torch.randint(0, 2**63 - 1, (), generator=fresh))  # the documented mapping
+    assert one.info["seeds"] == two.info["seeds"] == [seed]
+    assert torch.equal(one.frames, two.frames)
+    assert torch.equal(g1.get_state(), fresh.get_state()) and torch.equal(g2.get_state(), fresh.get_state())
+    assert torch.equal(pipe(**call, seed=seed).frames, one.frames)
+    again = pipe(**call, generator=g1)  # as diffusers: a reused generator gives a new video
+    assert again.info["seeds"] != [seed] and not torch.equal(again.frames, one.frames)
+
+
+def test_videos_per_prompt_and_prompt_lists_are_the_single_videos_of_their_seeds(pipe):
+    call = dict(num_frames=9, output_type="latent", progress=False, profile=False, **SIZE)
+    out = pipe(prompt=["a red circle", "a blue square"], num_videos_per_prompt=2, seed=20, **call)
+    assert out.frames.shape[0] == 4 and out.info["seeds"] == [20, 21, 22, 23]
+    for b, (prompt, seed) in enumerate([("a red circle", 20), ("a red circle", 21), ("a blue square", 22)]):
+        assert torch.equal(out.frames[b], pipe(prompt=prompt, seed=seed, **call).frames[0])
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    listed = pipe(prompt="a red circle", num_videos_per_prompt=2, generator=gens, **call)
+    assert listed.info["seeds"][0] == int(torch.randint(0, 2**63 - 1, (), generator=torch.Generator().manual_seed(1)))
+    np_out = pipe(prompt="a red circle", num_videos_per_prompt=2, seed=20, **{**call, "output_type": "np"})
+    assert np_out.frames.shape == (2, 9, 32, 32, 3)
+
+
+def test_prompt_embeds_stand_for_the_encoded_prompt(pipe):
+    call = dict(num_frames=9, seed=3, output_type="latent", progress=False, profile=False, guidance_scale=2.0, **SIZE)
+    states = pipe.text(["a red circle"])
+    negative = pipe.text([""])
+    by_text = pipe(prompt="a red circle", **call).frames
+    by_embeds = pipe(prompt_embeds=states, negative_prompt_embeds=negative, **call).frames
+    assert torch.equal(by_text, by_embeds)
+    shorter = pipe(prompt_embeds=states[:, :5], negative_prompt_embeds=negative, **call).frames  # used as given
+    assert not torch.allclose(shorter, by_text)

@@ -177,7 +177,7 @@ def task_signature(task: Task, batch: int = 1) -> str:
 
 def library_versions() -> dict[str, str]:
     """Versions that change kernel speed: mmpl_fast, torch, triton (when installed), CUDA."""
-    from .. import __version__
+    from .._version import __version__
 
     out = {"mmpl_fast": __version__}
     try:
