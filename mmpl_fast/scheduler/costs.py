@@ -625,8 +625,11 @@ class CostModel:
         if edge.kind != "stage":
             return 0.0 if dst[0][0] in src[0] else self.transfer_seconds(edge)
         h, b = self.workload.config.num_heads, self.workload.branches
-        recv, send, _ = move_cells(holdings(src[0], src[1], h, b), needs(dst[0], dst[1], h, b))
-        most = max(recv, send) * size / (h * b)
+        key = ("cells", src, dst)
+        if key not in self._memo:
+            recv, send, _ = move_cells(holdings(src[0], src[1], h, b), needs(dst[0], dst[1], h, b))
+            self._memo[key] = max(recv, send)
+        most = self._memo[key] * size / (h * b)
         return 0.0 if most == 0 else self.link("link_latency") + most / self.link("link_bandwidth")
 
     def segment_bytes(self, num_frames: int) -> int:

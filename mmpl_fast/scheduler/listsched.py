@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from .costs import CostModel, Holding
 from .dag import Edge, TaskDAG
 from .placement import _EPS, HOST, Device, Placement, Schedule, Unit, _max_overlap
+from .split import Split
 
 # What `ListScheduler.run` accepts per unit as its device: one device, a widened unit's devices, or None.
 Assign = int | tuple[int, ...] | None
@@ -49,7 +50,7 @@ class _Run:
     hull: list[dict[int, list[float]]] = field(default_factory=list)
     end: list[float] = field(default_factory=list)
     where: list[int] = field(default_factory=list)
-    hold: list[Holding | None] = field(default_factory=list)  # widened tasks only
+    hold: list[int | None] = field(default_factory=list)  # widened tasks only: `ListScheduler.hid`
     out: list[Placement] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -64,6 +65,48 @@ class _Run:
         for s in segs:
             h = self.hull[d].get(s)
             self.hull[d][s] = [start, finish] if h is None else [min(h[0], start), max(h[1], finish)]
+
+
+class _Gaps:
+    """The free gaps of one device from a ready time on: ``fit(dur)`` is `ListScheduler._slot` with insertion
+    and no memory limit, for any duration, without rescanning the busy spans."""
+
+    __slots__ = ("ready", "gaps")
+
+    def __init__(self, spans: list[tuple[float, float]], ready: float, lo: float | None = None):
+        self.ready = ready
+        lo = ready if lo is None else min(lo, ready)
+        j = bisect.bisect_right(spans, (lo, float("inf")))
+        t = spans[j - 1][1] if j > 0 and spans[j - 1][1] > lo + _EPS else lo
+        gaps = []
+        for a, b in spans[j:]:
+            if a > t:
+                gaps.append((t, a))
+            t = max(t, b)
+        gaps.append((t, float("inf")))
+        self.gaps = gaps
+
+    def fit(self, dur: float, after: float | None = None) -> float:
+        """Earliest start >= `after` (default: the ready time) of a free gap of `dur`."""
+        after = self.ready if after is None else after
+        for a, b in self.gaps:
+            s = a if a > after else after
+            if b >= s + dur - _EPS:
+                return s
+        raise AssertionError("the last gap is unbounded")
+
+
+def _common_gap(gaps: Sequence[_Gaps], ready: float, dur: float) -> float:
+    """Earliest start >= ready at which every device's `_Gaps` has room for `dur`."""
+    t = ready
+    while True:
+        moved = False
+        for g in gaps:
+            s = g.fit(dur, t)
+            if s > t + _EPS:
+                t, moved = s, True
+        if not moved:
+            return t
 
 
 class ListScheduler:
@@ -93,6 +136,10 @@ class ListScheduler:
         self.base = [costs.cost(t) for t in dag.tasks]
         self._unit_cost: dict[Unit, float] = {}
         self._moves: dict[tuple, float] = {}
+        self._splits: dict[tuple, float] = {}
+        self._hids: dict[Holding, int] = {}
+        self._holdings: list[Holding] = []
+        self._single = [self.hid(((d,), None)) for d in range(self.n_dev)]  # device d alone
 
     def unit_cost(self, unit: Unit) -> float:
         """Seconds of one launch on speed-1 devices."""
@@ -101,13 +148,21 @@ class ListScheduler:
         if unit not in self._unit_cost:
             tasks = [self.dag.tasks[i] for i in unit.tasks]
             if unit.split is not None:
-                value = self.costs.split_cost(tasks[0], unit.split)
+                value = self.split_cost(unit.tasks[0], unit.split)
             elif unit.mode == "batch":
                 value = self.costs.cost(tasks[0], len(tasks))
             else:
                 value = self.costs.streams_cost(tasks)
             self._unit_cost[unit] = value
         return self._unit_cost[unit]
+
+    def split_cost(self, i: int, split: Split) -> float:
+        """`CostModel.split_cost` of task `i`, memoised."""
+        key = (i, split.heads, split.branches, split.kv)
+        value = self._splits.get(key)
+        if value is None:
+            value = self._splits[key] = self.costs.split_cost(self.dag.tasks[i], split)
+        return value
 
     def fits_workspace(self, unit: Unit, d: int) -> bool:
         """Whether a packed launch's workspace fits on device `d` (single launches always do: `preflight`
@@ -117,12 +172,20 @@ class ListScheduler:
             return True
         return self.costs.launch_workspace([self.dag.tasks[i] for i in unit.tasks], unit.mode) <= room
 
-    def move(self, e: Edge, src: Holding, dst: Holding) -> float:
-        """`CostModel.move_seconds`, memoised by what it depends on."""
+    def hid(self, holding: Holding) -> int:
+        """A small int naming `holding` (the memo key of `move`)."""
+        h = self._hids.get(holding)
+        if h is None:
+            h = self._hids[holding] = len(self._holdings)
+            self._holdings.append(holding)
+        return h
+
+    def move(self, e: Edge, src: int, dst: int) -> float:
+        """`CostModel.move_seconds` between holdings named by `hid`, memoised by what it depends on."""
         key = (e.kind, len(e.frames), src, dst)
         value = self._moves.get(key)
         if value is None:
-            value = self._moves[key] = self.costs.move_seconds(e, src, dst)
+            value = self._moves[key] = self.costs.move_seconds(e, self._holdings[src], self._holdings[dst])
         return value
 
     def run(
@@ -133,6 +196,8 @@ class ListScheduler:
         *,
         insertion: bool = True,
         policy: str = "",
+        molds: Sequence[Sequence[Split] | None] | None = None,
+        penalty: float | Sequence[float] = 0.0,
     ) -> Schedule | None:
         """A schedule, or None when the units' dependencies form a cycle (an invalid packing) or memory leaves
         no device for a unit under this order.
@@ -143,6 +208,9 @@ class ListScheduler:
             assign: per unit a device (a tuple of devices for a widened unit), or None where the scheduler
                 picks (earliest finish).
             insertion: allow a unit into an idle gap before the device's last launch.
+            molds: per unit None, or the splits a single unsplit unit may also take (moldable): it goes at
+                the width that finishes first, each extra device-second of work counted `penalty` times (one
+                number, or one per unit).
         """
         users, waiting = self._unit_graph(units)
         heap = [(-priority[u], u) for u in range(len(units)) if waiting[u] == 0]
@@ -157,6 +225,10 @@ class ListScheduler:
                 self._place_host(st, u, unit)
             elif unit.split is not None:
                 if not self._place_split(st, u, unit, a if isinstance(a, tuple) else None, insertion):
+                    return None
+            elif molds is not None and molds[u] and a is None:
+                pen = penalty if isinstance(penalty, (int, float)) else penalty[u]
+                if not self._place_molded(st, u, unit, molds[u], insertion, pen):
                     return None
             elif not self._place_single(st, u, unit, a if isinstance(a, int) else None, insertion):
                 return None
@@ -201,7 +273,7 @@ class ListScheduler:
                 r = st.end[e.src]
                 h = st.hold[e.src]
                 if h is not None:
-                    r += self.move(e, h, ((d,), None))
+                    r += self.move(e, h, self._single[d])
                 elif st.where[e.src] != d and st.where[e.src] != HOST:
                     r += self.delay[e.src, i]
                 if r > ready:
@@ -209,6 +281,15 @@ class ListScheduler:
         return ready
 
     def _place_single(self, st: _Run, u: int, unit: Unit, pinned: int | None, insertion: bool) -> bool:
+        found = self._best_single(st, unit, pinned, insertion)
+        if found is None:
+            return False
+        self._commit_single(st, u, unit, found)
+        return True
+
+    def _best_single(self, st: _Run, unit: Unit, pinned: int | None, insertion: bool, ready_at=None):
+        """(finish, device, start) of the earliest-finishing device for `unit`, or None (`ready_at`: when its
+        inputs are on each device, if known)."""
         dag = self.dag
         cost = self.unit_cost(unit)
         options: Sequence[int] = (pinned,) if pinned is not None else range(self.n_dev)
@@ -218,64 +299,119 @@ class ListScheduler:
             if not self.fits_workspace(unit, d):
                 continue
             dur = cost / self.devices[d].speed
-            start = self._slot(st.busy[d], self._ready(st, unit.tasks, d), dur, insertion, d, st.hull[d], segs)
+            ready = self._ready(st, unit.tasks, d) if ready_at is None else ready_at[d]
+            if isinstance(ready, _Gaps):
+                start = ready.fit(dur)
+            else:
+                start = self._slot(st.busy[d], ready, dur, insertion, d, st.hull[d], segs)
             if start is not None and (best is None or start + dur < best[0] - _EPS):
                 best = (start + dur, d, start)
-        if best is None:
-            return False
-        finish, d, start = best
-        st.occupy(d, start, finish, segs)
+        return best
+
+    def _commit_single(self, st: _Run, u: int, unit: Unit, found) -> None:
+        finish, d, start = found
+        dag = self.dag
+        st.occupy(d, start, finish, sorted({dag.tasks[i].segment for i in unit.tasks if dag.tasks[i].is_stage}))
         speed = self.devices[d].speed
         for k, i in enumerate(unit.tasks):
             # on streams each member ends when its own work is done (at the latest with the launch)
             t_end = min(finish, start + self.base[i] / speed) if unit.mode == "streams" else finish
             st.end[i], st.where[i] = t_end, d
             st.out.append(Placement(dag.tasks[i], d, k if unit.mode == "streams" else 0, u, start, t_end))
+
+    def _place_molded(self, st: _Run, u: int, unit: Unit, molds, insertion: bool, penalty: float) -> bool:
+        i = unit.tasks[0]
+        base = self.base[i]
+        ready_at = [self._ready(st, unit.tasks, d) for d in range(self.n_dev)]
+        if insertion:  # the free gaps of each device after its inputs could be there, shared by every width
+            lo = max((st.end[e.src] for e in self.dag.preds[i]), default=0.0)
+            ready_at = [_Gaps(st.busy[d], r, lo) if not self.memory_limited[d] else r for d, r in enumerate(ready_at)]
+        best = None
+        for split in (None, *molds):
+            if split is None:
+                found = self._best_single(st, unit, None, insertion, ready_at)
+                if found is not None:
+                    best = (found[0], found, None)
+                continue
+            if split.ways > self.n_dev:
+                continue
+            wide = Unit(unit.tasks, split=split)
+            found = self._best_split(st, wide, None, insertion, ready_at)
+            if found is not None:
+                score = found[0] + penalty * (split.ways * self.split_cost(i, split) - base)
+                if best is None or score < best[0] - _EPS:
+                    best = (score, found, wide)
+        if best is None:
+            return False
+        if best[2] is None:
+            self._commit_single(st, u, unit, best[1])
+        else:
+            self._commit_split(st, u, best[2], best[1])
         return True
 
     def _place_split(self, st: _Run, u: int, unit: Unit, pinned: tuple[int, ...] | None, insertion: bool) -> bool:
-        i, split = unit.tasks[0], unit.split
-        if split.ways > self.n_dev:
+        found = self._best_split(st, unit, pinned, insertion)
+        if found is None:
             return False
-        cost = self.unit_cost(unit)
-        segs = (self.dag.tasks[i].segment,)
-        best = None
-        for devs in (pinned,) if pinned is not None else self._device_sets(st, i, split.ways, cost, insertion):
-            dur = cost / min(self.devices[d].speed for d in devs)
-            ready = 0.0
-            for e in self.dag.preds[i]:
-                if st.where[e.src] != HOST:
-                    src = st.hold[e.src] or ((st.where[e.src],), None)
-                    ready = max(ready, st.end[e.src] + self.move(e, src, (devs, split)))
-                else:
-                    ready = max(ready, st.end[e.src])
-            start = self._common_slot(st, devs, ready, dur, insertion, segs)
-            if start is not None and (best is None or start + dur < best[0] - _EPS):
-                best = (start + dur, devs, start)
-        if best is None:
-            return False
-        finish, devs, start = best
-        for d in devs:
-            st.occupy(d, start, finish, segs)
-        st.end[i], st.where[i], st.hold[i] = finish, devs[0], (devs, split)
-        st.out.append(Placement(self.dag.tasks[i], devs[0], 0, u, start, finish, devs, split))
+        self._commit_split(st, u, unit, found)
         return True
 
-    def _device_sets(self, st: _Run, i: int, k: int, cost: float, insertion: bool) -> list[tuple[int, ...]]:
+    def _commit_split(self, st: _Run, u: int, unit: Unit, found) -> None:
+        finish, devs, start = found
+        i, split = unit.tasks[0], unit.split
+        for d in devs:
+            st.occupy(d, start, finish, (self.dag.tasks[i].segment,))
+        st.end[i], st.where[i], st.hold[i] = finish, devs[0], self.hid((devs, split))
+        st.out.append(Placement(self.dag.tasks[i], devs[0], 0, u, start, finish, devs, split))
+
+    def _best_split(self, st: _Run, unit: Unit, pinned: tuple[int, ...] | None, insertion: bool, ready_at=None):
+        """(finish, devices, start) of the earliest-finishing device set for widened `unit`, or None."""
+        i, split = unit.tasks[0], unit.split
+        if split.ways > self.n_dev:
+            return None
+        cost = self.split_cost(i, split)
+        segs = (self.dag.tasks[i].segment,)
+        best = None
+        if pinned is not None and len(pinned) != split.ways:
+            pinned = None
+        sets = (pinned,) if pinned is not None else self._device_sets(st, i, split.ways, cost, insertion, ready_at)
+        for devs in sets:
+            dur = cost / min(self.devices[d].speed for d in devs)
+            ready = 0.0
+            dst = self.hid((devs, split))
+            for e in self.dag.preds[i]:
+                if st.where[e.src] != HOST:
+                    src = st.hold[e.src]
+                    src = self._single[st.where[e.src]] if src is None else src
+                    ready = max(ready, st.end[e.src] + self.move(e, src, dst))
+                else:
+                    ready = max(ready, st.end[e.src])
+            if ready_at is not None and all(isinstance(ready_at[d], _Gaps) for d in devs):
+                start = _common_gap([ready_at[d] for d in devs], ready, dur)
+            else:
+                start = self._common_slot(st, devs, ready, dur, insertion, segs)
+            if start is not None and (best is None or start + dur < best[0] - _EPS):
+                best = (start + dur, devs, start)
+        return best
+
+    def _device_sets(self, st: _Run, i: int, k: int, cost: float, insertion: bool, ready_at=None):
         """Device sets to try for widened task `i`: its widened predecessors' sets of the same width (their KV
         shards stay in place), and the `k` devices that could finish it soonest alone, the one its inputs
         reach first as home."""
         sets: list[tuple[int, ...]] = []
         for e in self.dag.preds[i]:
             h = st.hold[e.src]
-            if h is not None and len(h[0]) == k and h[0] not in sets:
-                sets.append(h[0])
+            if h is not None and len(self._holdings[h][0]) == k and self._holdings[h][0] not in sets:
+                sets.append(self._holdings[h][0])
         segs = (self.dag.tasks[i].segment,)
         soon = []
         for d in range(self.n_dev):
             dur = cost / self.devices[d].speed
-            ready = self._ready(st, (i,), d)
-            s = self._slot(st.busy[d], ready, dur, insertion, d, st.hull[d], segs)
+            ready = self._ready(st, (i,), d) if ready_at is None else ready_at[d]
+            if isinstance(ready, _Gaps):
+                s, ready = ready.fit(dur), ready.ready
+            else:
+                s = self._slot(st.busy[d], ready, dur, insertion, d, st.hull[d], segs)
             if s is not None:
                 soon.append((s + dur, ready, d))
         if len(soon) >= k:
@@ -307,8 +443,13 @@ class ListScheduler:
         last_end = spans[-1][1] if spans else 0.0
         if not insertion:
             cands = [max(ready, last_end)]
+        elif not limited and ready >= last_end - _EPS:
+            return ready if ready >= last_end else last_end
         else:
-            cands = [ready] + [b for _, b in spans if b > ready]
+            # spans do not overlap, so their ends are sorted too: the ends after `ready` are a suffix
+            j = bisect.bisect_right(spans, (ready, float("inf")))
+            j = j - 1 if j > 0 and spans[j - 1][1] > ready else j
+            cands = [ready] + [b for _, b in spans[j:] if b > ready]
         if limited:
             cands = sorted(set(cands + [h[1] for h in hull.values() if h[1] > ready]))
         for t in cands:
