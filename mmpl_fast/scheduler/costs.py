@@ -503,6 +503,19 @@ class CostModel:
         overheads = [self.launch_overhead(t) for t in tasks]
         return max(sum(singles) - (sum(overheads) - max(overheads)), max(singles))
 
+    def streams_ends(self, tasks: Sequence[Task]) -> list[float]:
+        """Seconds after a streams launch starts at which each of `tasks` is done (speed 1). The streams share
+        the device (processor sharing: with n members the shortest ends at n times its own work, and so on),
+        scaled so that the last ends at `streams_cost`."""
+        singles = [self.cost(t) for t in tasks]
+        n, total = len(singles), sum(singles)
+        ends, before = [0.0] * n, 0.0
+        for rank, i in enumerate(sorted(range(n), key=singles.__getitem__)):
+            ends[i] = before + (n - rank) * singles[i]
+            before += singles[i]
+        scale = self.streams_cost(tasks) / total if total > 0 else 0.0
+        return [e * scale for e in ends]
+
     def activation_bytes(self, task: Task) -> int:
         """Workspace of one model call of `task` (one segment, every guidance branch): per query token the FFN
         hidden state and about six hidden-size tensors alive at the peak. 0 for VAE and host tasks."""

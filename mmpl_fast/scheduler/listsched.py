@@ -156,6 +156,12 @@ class ListScheduler:
             self._unit_cost[unit] = value
         return self._unit_cost[unit]
 
+    def _streams_ends(self, unit: Unit) -> list[float]:
+        key = ("ends", unit.tasks)
+        if key not in self._splits:
+            self._splits[key] = self.costs.streams_ends([self.dag.tasks[i] for i in unit.tasks])
+        return self._splits[key]
+
     def split_cost(self, i: int, split: Split) -> float:
         """`CostModel.split_cost` of task `i`, memoised."""
         key = (i, split.heads, split.branches, split.kv)
@@ -313,9 +319,10 @@ class ListScheduler:
         dag = self.dag
         st.occupy(d, start, finish, sorted({dag.tasks[i].segment for i in unit.tasks if dag.tasks[i].is_stage}))
         speed = self.devices[d].speed
+        ends = self._streams_ends(unit) if unit.mode == "streams" else None
         for k, i in enumerate(unit.tasks):
-            # on streams each member ends when its own work is done (at the latest with the launch)
-            t_end = min(finish, start + self.base[i] / speed) if unit.mode == "streams" else finish
+            # on streams each member ends when its share of the device has done its work
+            t_end = min(finish, start + ends[k] / speed) if ends is not None else finish
             st.end[i], st.where[i] = t_end, d
             st.out.append(Placement(dag.tasks[i], d, k if unit.mode == "streams" else 0, u, start, t_end))
 

@@ -29,7 +29,7 @@ def device_name(device) -> str:
     return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
-def _timed(fn: Callable[[], object], *, sync: Callable[[], None], warmup: int, repeat: int) -> float:
+def _timed(fn: Callable[[], object], sync: Callable[[], None], warmup: int, repeat: int) -> float:
     for _ in range(warmup):
         fn()
     sync()
