@@ -576,6 +576,9 @@ class CostModel:
         alone or with heads, when guidance is on); empty for tasks that cannot be split."""
         if not task.is_stage:
             return []
+        key = ("options", task_signature(task), max_ways, kv)
+        if key in self._memo:
+            return list(self._memo[key])
         w, c = self.workload, self.workload.config
         out = []
         for k in range(2, max_ways + 1):
@@ -583,6 +586,7 @@ class CostModel:
             options = [Split(h, b, kv) for h, b in shapes if h <= c.num_heads]
             if options:
                 out.append(min(options, key=lambda sp: (self.split_cost(task, sp), sp.branches)))
+        self._memo[key] = tuple(out)
         return out
 
     def split_comm_seconds(self, task: Task, split: Split) -> float:

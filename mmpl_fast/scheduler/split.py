@@ -45,6 +45,7 @@ differ, which can change float rounding (the executor states its tolerance).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -94,7 +95,7 @@ class Split:
         if not 0 <= rank < self.ways:
             raise ValueError(f"rank must be in [0, {self.ways}), got {rank!r}")
         branches = (rank // self.heads,) if self.branches == 2 else tuple(range(num_branches))
-        return branches, head_ranges(num_heads, self.heads)[rank % self.heads]
+        return branches, _head_ranges(num_heads, self.heads)[rank % self.heads]
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "ways": self.ways, "heads": self.heads, "branches": self.branches, "kv": self.kv}
@@ -111,13 +112,18 @@ def head_ranges(num_heads: int, ways: int) -> list[tuple[int, int]]:
     the rest of each device's `head_slots`)."""
     if ways < 1 or num_heads < 1:
         raise ValueError(f"num_heads and ways must be positive, got {num_heads!r}, {ways!r}")
+    return list(_head_ranges(num_heads, ways))
+
+
+@functools.lru_cache(maxsize=256)
+def _head_ranges(num_heads: int, ways: int) -> tuple[tuple[int, int], ...]:
     base, extra = divmod(num_heads, ways)
     out, lo = [], 0
     for r in range(ways):
         hi = lo + base + (1 if r < extra else 0)
         out.append((lo, hi))
         lo = hi
-    return out
+    return tuple(out)
 
 
 # A holding: which (branch, head range) cells of a task's KV pages each device has. Cells are the unit of

@@ -30,6 +30,8 @@ from .search import Candidate, fixed, forward_backward, improve
 from .split import Split
 
 WIDTHS = (2, 3, 4, 8)  # plan widths tried (those up to the device count, and the device count itself)
+MOLD_WIDTHS = (2, 3, 4, 6, 8)  # widths a moldable task may take (and the device count): fewer list-scheduling
+# trials per task; 5 and 7 ways pad 12 heads as much as 6 and 8 do
 
 
 def _plan_width(costs, task, k: int) -> Split | None:
@@ -58,7 +60,8 @@ def _structure(
             split = _plan_width(costs, t, n_dev if t.segment == 0 else k)
         units.append(Unit((t.index,), split=split))
         durations.append(costs.split_cost(t, split) if split is not None else costs.cost(t))
-        molds.append(costs.split_options(t, n_dev) if t.kind in moldable and split is None else None)
+        options = costs.split_options(t, n_dev) if t.kind in moldable and split is None else []
+        molds.append([sp for sp in options if sp.ways in MOLD_WIDTHS or sp.ways == n_dev] or None)
     rank = upward_rank(dag, costs, devices, durations=durations)
     if prio == "rank":
         priority = rank
