@@ -618,12 +618,17 @@ class CostModel:
     def edge_bytes(self, edge: Edge) -> int:
         """Bytes that move when the edge's endpoints run on different devices: KV pages for stage edges,
         latents for chain/decode edges, nothing for host edges (the writer's copy is part of its cost)."""
-        if edge.kind == "stage":
-            return len(edge.frames) * self.workload.page_bytes()
-        if edge.kind in ("chain", "decode"):
-            lh, lw = self.workload.latent_size
-            return len(edge.frames) * self.workload.config.in_channels * lh * lw * LATENT_BYTES
-        return 0
+        key = ("bytes", edge.kind, len(edge.frames))
+        value = self._memo.get(key)
+        if value is None:
+            value = 0
+            if edge.kind == "stage":
+                value = len(edge.frames) * self.workload.page_bytes()
+            elif edge.kind in ("chain", "decode"):
+                lh, lw = self.workload.latent_size
+                value = len(edge.frames) * self.workload.config.in_channels * lh * lw * LATENT_BYTES
+            self._memo[key] = value
+        return value
 
     def transfer_seconds(self, edge: Edge) -> float:
         """Seconds to move the edge's data between two devices (0 for edges without data)."""
@@ -636,18 +641,22 @@ class CostModel:
         receives only the cells it lacks, the busiest receiver or sender sets the time. Latents are on every
         device of a split and are read on the destination's home device. Between two single devices this is
         `transfer_seconds` (or 0 on the same device)."""
+        key = ("move", edge.kind, len(edge.frames), src, dst)
+        value = self._memo.get(key)
+        if value is not None:
+            return value
         size = self.edge_bytes(edge)
         if size == 0:
-            return 0.0
-        if edge.kind != "stage":
-            return 0.0 if dst[0][0] in src[0] else self.transfer_seconds(edge)
-        h, b = self.workload.config.num_heads, self.workload.branches
-        key = ("cells", src, dst)
-        if key not in self._memo:
+            value = 0.0
+        elif edge.kind != "stage":
+            value = 0.0 if dst[0][0] in src[0] else self.transfer_seconds(edge)
+        else:
+            h, b = self.workload.config.num_heads, self.workload.branches
             recv, send, _ = move_cells(holdings(src[0], src[1], h, b), needs(dst[0], dst[1], h, b))
-            self._memo[key] = max(recv, send)
-        most = self._memo[key] * size / (h * b)
-        return 0.0 if most == 0 else self.link("link_latency") + most / self.link("link_bandwidth")
+            most = max(recv, send) * size / (h * b)
+            value = 0.0 if most == 0 else self.link("link_latency") + most / self.link("link_bandwidth")
+        self._memo[key] = value
+        return value
 
     def segment_bytes(self, num_frames: int) -> int:
         """KV pages a segment of `num_frames` latent frames holds on a device while its stages run there."""

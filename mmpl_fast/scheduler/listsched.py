@@ -271,6 +271,14 @@ class ListScheduler:
             st.end[i], st.where[i] = start + cost, HOST
             st.out.append(Placement(self.dag.tasks[i], HOST, 0, u, start, start + cost))
 
+    def _segs(self, unit: Unit) -> Sequence[int]:
+        """The segments whose KV pages `unit` holds (stage tasks)."""
+        tasks = self.dag.tasks
+        if len(unit.tasks) == 1:
+            t = tasks[unit.tasks[0]]
+            return (t.segment,) if t.is_stage else ()
+        return sorted({tasks[i].segment for i in unit.tasks if tasks[i].is_stage})
+
     def _ready(self, st: _Run, tasks: Sequence[int], d: int) -> float:
         """When the inputs of `tasks` are on device `d` (alone)."""
         ready = 0.0
@@ -296,10 +304,9 @@ class ListScheduler:
     def _best_single(self, st: _Run, unit: Unit, pinned: int | None, insertion: bool, ready_at=None):
         """(finish, device, start) of the earliest-finishing device for `unit`, or None (`ready_at`: when its
         inputs are on each device, if known)."""
-        dag = self.dag
         cost = self.unit_cost(unit)
         options: Sequence[int] = (pinned,) if pinned is not None else range(self.n_dev)
-        segs = sorted({dag.tasks[i].segment for i in unit.tasks if dag.tasks[i].is_stage})
+        segs = self._segs(unit)
         best = None
         for d in options:
             if not self.fits_workspace(unit, d):
@@ -317,7 +324,7 @@ class ListScheduler:
     def _commit_single(self, st: _Run, u: int, unit: Unit, found) -> None:
         finish, d, start = found
         dag = self.dag
-        st.occupy(d, start, finish, sorted({dag.tasks[i].segment for i in unit.tasks if dag.tasks[i].is_stage}))
+        st.occupy(d, start, finish, self._segs(unit))
         speed = self.devices[d].speed
         ends = self._streams_ends(unit) if unit.mode == "streams" else None
         for k, i in enumerate(unit.tasks):

@@ -240,42 +240,53 @@ def improve(cand: Candidate, ls: ListScheduler, budget: int, seed: int, widths=N
     return best
 
 
-def pack_pass(cand: Candidate, ls: ListScheduler, limit: int = 64) -> Candidate:
+def pack_pass(cand: Candidate, ls: ListScheduler, limit: int = 16) -> Candidate:
     """Merge stage tasks that one device runs one after the other, whose inputs were all there when the first
-    began (so merging delays neither), into one launch: batched or on streams (`try_pack`); keep each merge
-    that shortens the schedule. At most `limit` merges are tried."""
+    began (so merging delays neither) and one of which lies on the path that sets the makespan (elsewhere a
+    merge cannot shorten it), into one launch: batched or on streams (`try_pack`); keep each merge that
+    shortens the schedule. At most `limit` merges are tried."""
     best = cand
     tried = 0
     while tried < limit:
-        s, units = best.schedule, best.units
-        assign = assignment(best)
-        unit_of = {i: u for u, unit in enumerate(units) for i in unit.tasks}
         merged = None
-        for d, lane in sorted(s.by_device().items()):
-            if d == HOST:
+        for ua, ub in _pack_pairs(best, ls):
+            packed = try_pack(best, ua, ls, assignment(best), partner=ub)
+            if packed is None:
                 continue
-            lane = sorted({p.batch: p for p in lane}.values(), key=lambda p: p.start)
-            for a, b in zip(lane, lane[1:]):
-                ua, ub = unit_of[a.task.index], unit_of[b.task.index]
-                if units[ua].split is not None or units[ub].split is not None:
-                    continue
-                ready = max((s.placement(e.src).end + s.edge_delay(e, ls.costs) for i in units[ub].tasks
-                             for e in ls.dag.preds[i]), default=0.0)  # fmt: skip
-                if ready > a.start + 1e-9 or not a.task.is_stage or not b.task.is_stage:
-                    continue
-                packed = try_pack(best, ua, ls, assign, partner=ub)
-                if packed is None:
-                    continue
-                tried += 1
-                trial = evaluate(ls, Candidate(*packed, True, best.label))
-                if trial.schedule is not None and trial.score < best.score:
-                    merged = trial
-                    break
-                if tried >= limit:
-                    break
-            if merged is not None or tried >= limit:
+            tried += 1
+            trial = evaluate(ls, Candidate(*packed, True, best.label))
+            if trial.schedule is not None and trial.score < best.score:
+                merged = trial
+                break
+            if tried >= limit:
                 break
         if merged is None:
             break
         best = merged
     return best
+
+
+def _pack_pairs(cand: Candidate, ls: ListScheduler) -> list[tuple[int, int]]:
+    """(unit, next unit on its device) pairs `pack_pass` may merge, in device and start order."""
+    s, units, dag = cand.schedule, cand.units, ls.dag
+    unit_of = [0] * len(dag.tasks)
+    for u, unit in enumerate(units):
+        for i in unit.tasks:
+            unit_of[i] = u
+    critical = {u for u, _ in _critical_units(s, ls, unit_of)}
+    out = []
+    for d, lane in sorted(s.by_device().items()):
+        if d == HOST:
+            continue
+        lane = sorted({p.batch: p for p in lane}.values(), key=lambda p: p.start)
+        for a, b in zip(lane, lane[1:]):
+            ua, ub = unit_of[a.task.index], unit_of[b.task.index]
+            if units[ua].split is not None or units[ub].split is not None or not (critical & {ua, ub}):
+                continue
+            if not a.task.is_stage or not b.task.is_stage:
+                continue
+            ready = max((s.placement(e.src).end + s.edge_delay(e, ls.costs) for i in units[ub].tasks
+                         for e in dag.preds[i]), default=0.0)  # fmt: skip
+            if ready <= a.start + 1e-9:
+                out.append((ua, ub))
+    return out

@@ -13,10 +13,10 @@ all-to-alls and of the k devices it holds. The widening step builds list schedul
   widens only where the gain pays for the work; less so on the planning chain),
 
 under a few priorities (the chain one or two segments ahead of the populate work; planning chain first;
-critical-path rank), then improves the best with forward-backward passes, restarts with slightly perturbed
-priorities, and a local search that may also change any stage task's width. The caller (`policy.adaptive`)
-keeps the unsplit schedule unless a widened one is strictly shorter, so ``split="auto"`` never does worse
-than ``split="off"``.
+critical-path rank), then (search budget permitting) improves the best with forward-backward passes,
+restarts with slightly perturbed priorities, and a local search that may also change any stage task's width.
+The caller (`policy.adaptive`) keeps the unsplit schedule unless a widened one is strictly shorter, so
+``split="auto"`` never does worse than ``split="off"``.
 """
 
 from __future__ import annotations
@@ -91,11 +91,17 @@ ALL_STAGES = ("start", "reencode", "plan", "populate")
 MOLDABLE = (("chain first", 0.0, 0.0), ("chain first", 0.5, 5.0), ("rank", 0.5, 5.0), ("chain 1 ahead", 2.0, 2.0))
 
 
-def candidates(ls: ListScheduler) -> list[Candidate]:
-    """The widened list schedules described in the module docstring (those that fit in memory)."""
+def candidates(ls: ListScheduler, quick: bool = False) -> list[Candidate]:
+    """The widened list schedules described in the module docstring (those that fit in memory); `quick`: three
+    of them (plans on up to four devices, and two of the moldable ones)."""
     n_dev = ls.n_dev
-    widths = sorted({k for k in WIDTHS if k <= n_dev} | {n_dev})
     out = []
+    if quick:
+        out.append(_structure(ls, min(4, n_dev), "chain 1 ahead", ("populate",), 0.0))
+        for prio, pc, po in MOLDABLE[1:4:2]:
+            out.append(_structure(ls, n_dev, prio, ALL_STAGES, po, pc))
+        return [c for c in out if c is not None]
+    widths = sorted({k for k in WIDTHS if k <= n_dev} | {n_dev})
     for prio in ("chain 1 ahead", "chain 2 ahead"):
         for k in widths:
             out.append(_structure(ls, k, prio, ("populate",), 0.0))
@@ -117,19 +123,20 @@ def _restarts(ls: ListScheduler, best: Candidate, count: int, seed: int) -> Cand
 
 def widen(ls: ListScheduler, back: ListScheduler, base: Candidate, budget: int, seed: int) -> Candidate:
     """The best widened schedule found (or `base` when none is shorter); see the module docstring. `budget`
-    splits between perturbed restarts (a quarter) and the local search."""
+    splits between perturbed restarts (a quarter) and the local search; with 0, only the `quick` candidates."""
     dag, costs = ls.dag, ls.costs
-    cands = sorted(candidates(ls), key=lambda c: c.score)
+    cands = sorted(candidates(ls, quick=budget == 0), key=lambda c: c.score)
     if not cands:
         return base
     best = min(cands[0], base, key=lambda c: c.score)
+    if budget == 0:
+        return best
     for c in cands[:2]:
         improved = forward_backward(c, ls, back)
         if improved.score < best.score:
             best = improved
-    if budget > 0:
-        best = _restarts(ls, best, budget // 4, seed)
-    if budget > 0 and best is not base:
+    best = _restarts(ls, best, budget // 4, seed)
+    if best is not base:
         widths = [[None, *costs.split_options(t, ls.n_dev)] for t in dag.tasks]
         improved = improve(best, ls, budget - budget // 4, seed, widths)
         if improved.score < best.score:
