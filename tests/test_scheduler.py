@@ -540,6 +540,9 @@ def test_policy_picks_streams_for_stages_that_cannot_share_a_batch():
     assert sched.makespan < round_robin(dag, costs, simulated_devices(1)).makespan
     flat = _no_batch_gain(dag, w, Hardware(launch_seconds=0.0))
     assert _packed(adaptive(dag, flat, simulated_devices(1))) == ([], [])
+    # a CPU has no streams (the executor runs stream groups one after the other there)
+    assert _packed(adaptive(dag, costs, [Device("cpu")]))[0] == []
+    assert _packed(adaptive(dag, costs, [Device("cpu", streams=True)]))[0]
 
 
 def test_policy_picks_streams_when_a_batch_does_not_fit_in_memory():

@@ -17,6 +17,13 @@ The estimate (no profile) is a roofline per model call::
 A stage runs `steps` calls plus, when a later stage reads its frames, one t = 0 cache pass; guidance doubles
 the calls (two branches). VAE tasks use FLOPs per video pixel measured for the Wan2.1 VAE, divided by the
 VAE's assumed throughput. Every constant below says where it comes from; a profile replaces all of them.
+
+Packing and splitting: `streams_cost` / `streams_ends` price tasks launched together on CUDA streams of one
+device, `launch_workspace` what a batched or multi-stream launch needs in memory; `split_cost` prices one
+stage task across several devices (`split.Split`: compute divided as the busiest device sees it, plus the
+all-to-alls and other collectives over the link, `Hardware.link_bandwidth` / `collective_latency`, or a
+profile's measured link figures), and `move_seconds` the KV pages and latents that move between where a task
+left them and where its successor reads them.
 """
 
 from __future__ import annotations

@@ -172,7 +172,9 @@ class ListScheduler:
 
     def fits_workspace(self, unit: Unit, d: int) -> bool:
         """Whether a packed launch's workspace fits on device `d` (single launches always do: `preflight`
-        reserved the largest one)."""
+        reserved the largest one), and, for streams, whether `d` has streams at all (`Device.has_streams`)."""
+        if unit.mode == "streams" and not self.devices[d].has_streams:
+            return False
         room = self.workspace[d]
         if room is None or unit.mode == "single":
             return True
@@ -457,8 +459,8 @@ class ListScheduler:
         last_end = spans[-1][1] if spans else 0.0
         if not insertion:
             cands = [max(ready, last_end)]
-        elif not limited and ready >= last_end - _EPS:
-            return ready if ready >= last_end else last_end
+        elif not limited and ready >= last_end:
+            return ready
         else:
             # spans do not overlap, so their ends are sorted too: the ends after `ready` are a suffix
             j = bisect.bisect_right(spans, (ready, float("inf")))

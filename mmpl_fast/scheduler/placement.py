@@ -39,17 +39,27 @@ class Device:
         name: a label (``"cuda:0"``, ``"sim:3"``).
         speed: relative speed (a task of cost c takes c / speed).
         memory_bytes: memory the run may use on it (free memory); None: not limited.
+        streams: whether launches on separate streams overlap there (CUDA streams); None: from the name,
+            no for a ``"cpu"`` device (the executor runs stream groups one after the other there), yes
+            otherwise.
     """
 
     name: str
     speed: float = 1.0
     memory_bytes: int | None = None
+    streams: bool | None = None
+
+    @property
+    def has_streams(self) -> bool:
+        return self.streams if self.streams is not None else not self.name.lower().startswith("cpu")
 
     def __post_init__(self) -> None:
         if not isinstance(self.speed, (int, float)) or isinstance(self.speed, bool) or not self.speed > 0:
             raise ValueError(f"Device.speed must be a positive number, got {self.speed!r}")
         if self.memory_bytes is not None and (not isinstance(self.memory_bytes, int) or self.memory_bytes < 0):
             raise ValueError(f"Device.memory_bytes must be a non-negative int or None, got {self.memory_bytes!r}")
+        if self.streams is not None and not isinstance(self.streams, bool):
+            raise ValueError(f"Device.streams must be True, False or None, got {self.streams!r}")
 
 
 def simulated_devices(

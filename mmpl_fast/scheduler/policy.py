@@ -21,9 +21,15 @@
      before the one blocking it, pack two populate tasks of the same stage into one batched launch when the
      batched cost is lower (and memory allows);
   5. for DAGs of at most `EXACT_MAX_TASKS` tasks (about two segments), an exhaustive branch and bound
-     (`listsched.exact`), so small videos get an optimal schedule.
+     (`listsched.exact`), so small videos get an optimal schedule;
+  6. packing (`search.pack_pass`): stage tasks one device runs back to back, one of them on the path that
+     sets the makespan, merged into one launch when that is shorter — one batched call for the same stage
+     of several segments when its workspace fits, else CUDA streams (stages that cannot share a batched
+     call, or a batch whose stacked workspace does not fit: `CostModel.streams_cost`, `launch_workspace`);
+  7. with ``split="auto"`` only, widening (`widen`): stage tasks across several devices (`split.Split`),
+     kept only when strictly shorter than the schedule of steps 1-6.
 
-Every step stops as soon as a schedule meets the lower bound (`placement.lower_bound`).
+Steps 2-5 stop as soon as a schedule meets the lower bound (`placement.lower_bound`).
 
 Tasks are never preempted. A candidate that does not fit in memory is dropped (round-robin holds one
 segment per device at a time, so it fits whenever the pre-flight check passes).
