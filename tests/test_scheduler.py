@@ -476,6 +476,21 @@ def _batch_friendly_costs(dag) -> CostModel:
     return CostModel(w, profile=prof)
 
 
+def test_measured_batches_scale_to_other_batch_sizes():
+    """A profile that measured a task only batched (or only alone) gives every batch size from that measurement,
+    scaled by the estimate's batching ratio, never the estimate of another device mixed with measured seconds."""
+    dag = build_dag("mmpl", 2)
+    w = Workload()
+    t = dag.task(0, "populate", 2)
+    prof = Profile.for_device("sim", w.config, w.dtype, {})
+    prof.record(w, task_signature(t, 2), 10.0)
+    costs = CostModel(w, profile=prof)
+    est = CostModel(w)
+    assert costs.cost(t, 1) == pytest.approx(10.0 * est.cost(t, 1) / est.cost(t, 2))
+    assert costs.cost(t, 3) == pytest.approx(10.0 * est.cost(t, 3) / est.cost(t, 2))
+    assert costs.cost(t, 2) == 10.0 and costs.cost(dag.task(0, "plan")) == est.cost(dag.task(0, "plan"))
+
+
 def test_packing_batches_populate_tasks_when_memory_allows():
     dag = build_dag("mmpl", 6)
     costs = _batch_friendly_costs(dag)

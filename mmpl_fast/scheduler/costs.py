@@ -403,13 +403,25 @@ class CostModel:
         if key in self._memo:
             return self._memo[key]
         measured = self.profile.get(self.workload, sig) if self.profile is not None else None
-        if measured is None and batch > 1 and self.profile is not None:
-            single = self.profile.get(self.workload, task_signature(task, 1))
-            if single is not None:  # scale the measured single launch by the estimate's batching ratio
-                measured = single * self.estimate(task, batch) / self.estimate(task, 1)
+        if measured is None and self.profile is not None:
+            # scale a measured launch of the same task at the nearest other batch size by the estimate's batching
+            # ratio, so measured and estimated seconds (another device's) never mix for one task
+            other = self._measured_batches(task)
+            if other:
+                b = min(other, key=lambda k: (abs(k - batch), k))
+                measured = other[b] * self.estimate(task, batch) / self.estimate(task, b)
         value = measured if measured is not None else self.estimate(task, batch)
         self._memo[key] = value
         return value
+
+    def _measured_batches(self, task: Task) -> dict[int, float]:
+        """The profile's measured launches of `task`, by batch size."""
+        prefix = f"{self.workload.signature}|{task_signature(task, 1)[:-1]}"
+        key = ("batches", prefix)
+        if key not in self._memo:
+            self._memo[key] = {int(k[len(prefix):]): v for k, v in self.profile.entries.items()
+                               if k.startswith(prefix) and k[len(prefix):].isdigit()}  # fmt: skip
+        return self._memo[key]
 
     def source(self, task: Task, batch: int = 1) -> str:
         """``"profile"`` or ``"estimate"``: where `cost` gets its number."""
