@@ -26,12 +26,17 @@ there). The cost model (`CostModel.split_cost`, `CostModel.move_seconds`) prices
 
 What an executor does with a widened placement ``p`` (``p.split`` not None), the contract:
 
-1. every device in ``p.devices`` joins the launch at ``p.start``; shard ``r`` = ``p.devices[r]`` runs
-   ``p.split.shard(r, num_heads, branches)``: its guidance branches and its real head range;
-2. its inputs: the stage's latents / noise (keyed random numbers: every device draws its own token
-   shard), the read frames' KV pages restricted to the shard's heads and branches (received as the
-   `move_seconds` accounting says: only the cells a device lacks), the cross-attention cache of the
-   prompt (every device holds it);
+1. every device in ``p.devices`` joins the launch at ``p.start`` (`Schedule.launches_on` lists it for each
+   of them; it is always a launch of its own, stream 0); shard ``r`` = ``p.devices[r]`` runs
+   ``p.split.shard(r, num_heads, branches)``: its guidance branches and its real head range. Per layer:
+   norms, q/k/v projections and the RMS q/k norm (over the whole hidden size, as Wan does) on the
+   device's token shard with all heads; all-to-all to (all tokens, its head slots); RoPE, page write and
+   stage attention for its heads; all-to-all back; the rest on its token shard. A re-encode runs its VAE
+   part on the home device and hands the two latents to the others;
+2. its inputs: the stage's latents / noise (the keyed random numbers of the whole stage, as unsplit, of
+   which each device keeps its token shard), the read frames' KV pages restricted to the shard's heads and
+   branches (received as the `move_seconds` accounting says: only the cells a device lacks), the
+   cross-attention cache of the prompt (every device holds it);
 3. after the task, every device of the split holds the stage's final latents (an all-gather inside the
    task), and the written pages sit per ``p.split.kv``: head/branch-split on the devices, or whole on
    ``p.devices[0]``;
