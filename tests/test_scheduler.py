@@ -18,6 +18,7 @@ from mmpl_fast.scheduler import (
     HOST,
     CostModel,
     Device,
+    Hardware,
     InsufficientMemoryError,
     Profile,
     ProfileCache,
@@ -36,7 +37,7 @@ from mmpl_fast.scheduler import (
     task_signature,
 )
 from mmpl_fast.scheduler.listsched import ListScheduler
-from mmpl_fast.scheduler.placement import Unit
+from mmpl_fast.scheduler.placement import Unit, pack_key
 from mmpl_fast.scheduler.simulate import main as cli_main
 
 COSTS = CostModel()  # Wan2.1-1.3B, 480x832, 4 steps, FLOP/byte estimate for an H100
@@ -363,7 +364,10 @@ def test_adaptive_matches_brute_force_on_small_dags(layout, segments, decode, sp
     devs = simulated_devices(len(speeds), speeds)
     sched = adaptive(dag, COSTS, devs)
     sched.check(COSTS)
-    assert sched.makespan == pytest.approx(_brute_force(dag, COSTS, devs), rel=1e-9, abs=1e-9)
+    best = _brute_force(dag, COSTS, devs)  # the optimum with one task per launch
+    assert sched.makespan <= best + 1e-9
+    if sched.makespan < best - 1e-9:  # only packing two tasks into one launch (batch or streams) can beat it
+        assert any(len(g) > 1 for g in sched.launches())
 
 
 @pytest.mark.parametrize("policy", ["adaptive", "round-robin", "cp-first"])
@@ -374,10 +378,18 @@ def test_schedules_never_violate_dependencies(policy, chain):
         sched = schedule(dag, COSTS, simulated_devices(len(speeds), speeds), policy)
         sched.check(COSTS)  # raises on a violated edge (plus transfer), overlap, or a task placed twice
         for launch in sched.launches():
-            p = launch[0]
-            if p.device != HOST:  # a launch takes its cost (batched: the batch's cost) over the device's speed
-                cost = COSTS.cost(p.task, len(launch)) if len(launch) > 1 else COSTS.cost(p.task)
-                assert all(q.duration == pytest.approx(cost / speeds[p.device], rel=1e-9) for q in launch)
+            p, v = launch[0], speeds[launch[0].device]
+            if p.device == HOST:
+                continue
+            if len({q.stream for q in launch}) > 1:  # streams: the launch takes the streams' cost, each member
+                tasks = [q.task for q in launch]  # ends when its share of the device has done its work
+                assert max(q.end for q in launch) - p.start == pytest.approx(COSTS.streams_cost(tasks) / v)
+                for q, e in zip(launch, COSTS.streams_ends(tasks)):
+                    assert q.duration == pytest.approx(e / v, rel=1e-9) and q.duration >= COSTS.cost(q.task) / v
+                continue
+            # a launch takes its cost (batched: the batch's cost) over the device's speed
+            cost = COSTS.cost(p.task, len(launch)) if len(launch) > 1 else COSTS.cost(p.task)
+            assert all(q.duration == pytest.approx(cost / v, rel=1e-9) for q in launch)
         by = {p.task.index: p for p in sched.placements}
         assert all(by[e.src].end <= by[e.dst].start + 1e-9 for e in dag.edges)
 
@@ -464,6 +476,21 @@ def _batch_friendly_costs(dag) -> CostModel:
     return CostModel(w, profile=prof)
 
 
+def test_measured_batches_scale_to_other_batch_sizes():
+    """A profile that measured a task only batched (or only alone) gives every batch size from that measurement,
+    scaled by the estimate's batching ratio, never the estimate of another device mixed with measured seconds."""
+    dag = build_dag("mmpl", 2)
+    w = Workload()
+    t = dag.task(0, "populate", 2)
+    prof = Profile.for_device("sim", w.config, w.dtype, {})
+    prof.record(w, task_signature(t, 2), 10.0)
+    costs = CostModel(w, profile=prof)
+    est = CostModel(w)
+    assert costs.cost(t, 1) == pytest.approx(10.0 * est.cost(t, 1) / est.cost(t, 2))
+    assert costs.cost(t, 3) == pytest.approx(10.0 * est.cost(t, 3) / est.cost(t, 2))
+    assert costs.cost(t, 2) == 10.0 and costs.cost(dag.task(0, "plan")) == est.cost(dag.task(0, "plan"))
+
+
 def test_packing_batches_populate_tasks_when_memory_allows():
     dag = build_dag("mmpl", 6)
     costs = _batch_friendly_costs(dag)
@@ -492,6 +519,66 @@ def test_streams_unit_is_timed_and_checked():
     pa, pb = sched.placement(a), sched.placement(b)
     assert pa.batch == pb.batch and {pa.stream, pb.stream} == {0, 1} and pa.start == pb.start
     assert ls.unit_cost(units[-1]) < COSTS.cost(dag.tasks[a]) + COSTS.cost(dag.tasks[b])
+
+
+def _no_batch_gain(dag, workload, hardware) -> CostModel:
+    """A profile where a batch of b stage tasks costs b single launches (batching saves nothing)."""
+    base = CostModel(workload, hardware)
+    prof = Profile.for_device("sim", workload.config, workload.dtype, {})
+    for t in dag.tasks:
+        prof.record(workload, task_signature(t), base.cost(t))
+        if t.is_stage:
+            for b in range(2, 5):
+                prof.record(workload, task_signature(t, b), b * base.cost(t))
+    return CostModel(workload, hardware, prof)
+
+
+def _packed(sched):
+    """(streams launches, batched launches) of a schedule."""
+    multi = [g for g in sched.launches() if len(g) > 1]
+    streams = [g for g in multi if len({p.stream for p in g}) > 1]
+    return streams, [g for g in multi if len({p.stream for p in g}) == 1]
+
+
+def test_policy_picks_streams_for_stages_that_cannot_share_a_batch():
+    """Small shapes, where kernel launches cost as much as the work: a populate stage of one segment and the
+    re-encode of the next cannot share one batched call, and batching saves nothing here; on two streams they
+    hide each other's launch gaps. Without launch costs there is nothing to hide, and no streams."""
+    dag = build_dag("mmpl", 3, decode=False, write=False)
+    w = Workload("tiny", height=64, width=64)
+    costs = _no_batch_gain(dag, w, Hardware(launch_seconds=5e-6))
+    sched = adaptive(dag, costs, simulated_devices(1))
+    sched.check(costs)
+    streams, batches = _packed(sched)
+    assert streams and not batches
+    assert any(len({pack_key(p.task) for p in g}) > 1 for g in streams)  # different stages on one launch
+    assert sched.makespan < round_robin(dag, costs, simulated_devices(1)).makespan
+    flat = _no_batch_gain(dag, w, Hardware(launch_seconds=0.0))
+    assert _packed(adaptive(dag, flat, simulated_devices(1))) == ([], [])
+    # a CPU has no streams (the executor runs stream groups one after the other there)
+    assert _packed(adaptive(dag, costs, [Device("cpu")]))[0] == []
+    assert _packed(adaptive(dag, costs, [Device("cpu", streams=True)]))[0]
+
+
+def test_policy_picks_streams_when_a_batch_does_not_fit_in_memory():
+    """Populate stages that batch well: batched when the batch's workspace fits; when only the stacked text K/V
+    of the batched call does not, on streams (same stages included); when not even two calls' activations fit,
+    neither."""
+    dag = build_dag("mmpl", 6)
+    costs = _batch_friendly_costs(dag)
+    act, cross = costs.activation_bytes(dag.task(0, "populate", 3)), costs.cross_bytes()
+    runs = {}
+    for name, ws in (("room", None), ("no batch", 2 * act + cross), ("nothing", 2 * act - 1)):
+        sched = adaptive(dag, costs, simulated_devices(1), [None], budget=60, workspace=[ws])
+        sched.check(costs)
+        runs[name] = (sched.makespan, *_packed(sched))
+    assert runs["room"][2] and not runs["room"][1]  # batches, no streams
+    assert runs["no batch"][1] and not runs["no batch"][2]  # streams only
+    assert any(len({pack_key(p.task) for p in g}) == 1 for g in runs["no batch"][1])  # a would-be batch on streams
+    for g in runs["no batch"][1]:
+        assert costs.launch_workspace([p.task for p in g], "streams") <= 2 * act + cross
+    assert runs["nothing"][1:] == ([], [])
+    assert runs["room"][0] < runs["no batch"][0] < runs["nothing"][0]
 
 
 def test_lower_bound_is_speed_weighted():
@@ -571,3 +658,19 @@ def test_module_entry_point(tmp_path):
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["segments"] == 3
+
+
+def test_scheduler_functions_stay_short():
+    """No function of the scheduler package (and its CLI module) is longer than 80 lines (issue 13)."""
+    import ast
+    from pathlib import Path
+
+    import mmpl_fast.scheduler
+
+    root = Path(mmpl_fast.scheduler.__file__).parent
+    long = []
+    for path in [*sorted(root.glob("*.py")), root.parent / "schedule.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 80:
+                long.append(f"{path.name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long

@@ -17,6 +17,13 @@ The estimate (no profile) is a roofline per model call::
 A stage runs `steps` calls plus, when a later stage reads its frames, one t = 0 cache pass; guidance doubles
 the calls (two branches). VAE tasks use FLOPs per video pixel measured for the Wan2.1 VAE, divided by the
 VAE's assumed throughput. Every constant below says where it comes from; a profile replaces all of them.
+
+Packing and splitting: `streams_cost` / `streams_ends` price tasks launched together on CUDA streams of one
+device, `launch_workspace` what a batched or multi-stream launch needs in memory; `split_cost` prices one
+stage task across several devices (`split.Split`: compute divided as the busiest device sees it, plus the
+all-to-alls and other collectives over the link, `Hardware.link_bandwidth` / `collective_latency`, or a
+profile's measured link figures), and `move_seconds` the KV pages and latents that move between where a task
+left them and where its successor reads them.
 """
 
 from __future__ import annotations
@@ -27,11 +34,13 @@ import math
 import os
 import re
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..config import ModelConfig, resolve_config
 from .dag import Edge, Task, TaskDAG
+from .split import Split, all_to_all_fraction, head_slots, holdings, move_cells, needs, split_tokens
 
 # --- estimate constants ---------------------------------------------------------------------------------------
 # Effective throughput of the DiT's matmuls + attention in bf16 on an H100 SXM (989 TFLOP/s dense peak;
@@ -46,6 +55,16 @@ H100_MEMORY_BANDWIDTH = 0.8 * 3.35e12
 # PCIe-only machines: ~25 GB/s (`Hardware(link_bandwidth=25e9)`, CLI ``--link-gbps 25``).
 NVLINK_BANDWIDTH = 200e9
 LINK_LATENCY = 20e-6
+PCIE_BANDWIDTH = 25e9
+PCIE_LATENCY = 30e-6
+# A collective (all-to-all, all-gather) among the devices of a split: NCCL's small-message latency inside one
+# node is tens of microseconds; assumed 25 us over NVLink, 50 us over PCIe. A profile's measured values win.
+COLLECTIVE_LATENCY = 25e-6
+PCIE_COLLECTIVE_LATENCY = 50e-6
+LINKS = {
+    "nvlink": dict(link_bandwidth=NVLINK_BANDWIDTH, link_latency=LINK_LATENCY, collective_latency=COLLECTIVE_LATENCY),
+    "pcie": dict(link_bandwidth=PCIE_BANDWIDTH, link_latency=PCIE_LATENCY, collective_latency=PCIE_COLLECTIVE_LATENCY),
+}
 # Kernel launches per transformer layer per call (norms, projections, rope/page write, attention, FFN) and
 # seconds per launch without CUDA graphs: what batching several segments into one call saves.
 KERNELS_PER_LAYER = 12
@@ -69,12 +88,16 @@ HOST_PIXELS_PER_SECOND = 1.2e8
 LATENT_BYTES = 4
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "half": "float16", "float": "float32"}
+# Link figures a profile may hold (measured), overriding `Hardware`'s.
+LINK_KEYS = ("link_bandwidth", "link_latency", "collective_latency")
 PROFILE_ALPHA = 0.25
 
 
 @dataclass(frozen=True)
 class Hardware:
-    """Throughputs of the reference device the estimate assumes (defaults: one H100 SXM, NVLink peers)."""
+    """Throughputs of the reference device the estimate assumes (defaults: one H100 SXM, NVLink peers;
+    ``Hardware.linked("pcie")`` for PCIe-only peers)."""
 
     name: str = "H100 (estimate)"
     matmul_flops: float = H100_MATMUL_FLOPS
@@ -82,6 +105,7 @@ class Hardware:
     memory_bandwidth: float = H100_MEMORY_BANDWIDTH
     link_bandwidth: float = NVLINK_BANDWIDTH
     link_latency: float = LINK_LATENCY
+    collective_latency: float = COLLECTIVE_LATENCY
     launch_seconds: float = LAUNCH_SECONDS
     host_pixels_per_second: float = HOST_PIXELS_PER_SECOND
 
@@ -89,9 +113,16 @@ class Hardware:
         for key in ("matmul_flops", "vae_flops", "memory_bandwidth", "link_bandwidth", "host_pixels_per_second"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"Hardware.{key} must be > 0, got {getattr(self, key)!r}")
-        for key in ("link_latency", "launch_seconds"):
+        for key in ("link_latency", "collective_latency", "launch_seconds"):
             if not getattr(self, key) >= 0:
                 raise ValueError(f"Hardware.{key} must be >= 0, got {getattr(self, key)!r}")
+
+    @classmethod
+    def linked(cls, link: str, **changes) -> Hardware:
+        """The default device with `link` peers (one of `LINKS`: ``"nvlink"``, ``"pcie"``)."""
+        if link not in LINKS:
+            raise ValueError(f"link must be one of {', '.join(LINKS)}, got {link!r}")
+        return cls(**{**LINKS[link], **changes})
 
 
 @dataclass(frozen=True)
@@ -120,6 +151,7 @@ class Workload:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "config", resolve_config(self.config))
+        object.__setattr__(self, "dtype", DTYPE_ALIASES.get(self.dtype, self.dtype))
         for key in ("height", "width", "steps", "vae_spatial", "vae_temporal", "num_prompts"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -249,6 +281,22 @@ class Profile:
     def get(self, workload: Workload, signature: str) -> float | None:
         return self.entries.get(f"{workload.signature}|{signature}")
 
+    def link(self, key: str) -> float | None:
+        """A measured link figure (one of `LINK_KEYS`: bytes/s or seconds), or None."""
+        return self.entries.get(f"link|{key}")
+
+    def record_link(self, key: str, value: float, alpha: float = PROFILE_ALPHA) -> float:
+        """Fold one measured link figure in (e.g. from timing an all-to-all between two devices)."""
+        if key not in LINK_KEYS:
+            raise ValueError(f"key must be one of {', '.join(LINK_KEYS)}, got {key!r}")
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"value must be a finite positive number, got {value!r}")
+        k = f"link|{key}"
+        old = self.entries.get(k)
+        self.entries[k] = float(value) if old is None else (1 - alpha) * old + alpha * float(value)
+        self.counts[k] = self.counts.get(k, 0) + 1
+        return self.entries[k]
+
     def record(self, workload: Workload, signature: str, seconds: float, alpha: float = PROFILE_ALPHA) -> float:
         """Fold one measurement in (the first sets the entry; later ones move it by `alpha`). Returns the entry."""
         if not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds >= 0):
@@ -314,13 +362,19 @@ class PassShape:
     key_tokens: int
 
 
+# A holding names where a task's outputs live: its devices (the home device first) and its split (None: one
+# device). See `split` for what each device of a split holds.
+Holding = tuple[tuple[int, ...], Split | None]
+
+
 class CostModel:
     """Seconds per task on a speed-1 device: the profile's entry when there is one, else the roofline estimate.
 
     Args:
         workload: model config, size, steps, guidance, dtype.
         hardware: throughputs of the reference device (used by the estimate and for transfers).
-        profile: measured times for this device/config/dtype (optional).
+        profile: measured times for this device/config/dtype (optional); measured link figures in it
+            (`Profile.record_link`) replace the hardware's.
     """
 
     def __init__(
@@ -329,10 +383,15 @@ class CostModel:
         self.workload = workload if workload is not None else Workload()
         self.hardware = hardware if hardware is not None else Hardware()
         self.profile = profile
-        self._memo: dict[tuple[str, int], float] = {}
+        self._memo: dict[tuple, float] = {}
 
     def with_hardware(self, **changes) -> CostModel:
         return CostModel(self.workload, replace(self.hardware, **changes), self.profile)
+
+    def link(self, key: str) -> float:
+        """A link figure (`LINK_KEYS`): the profile's measured value when it has one, else the hardware's."""
+        measured = self.profile.link(key) if self.profile is not None else None
+        return measured if measured is not None else getattr(self.hardware, key)
 
     # ---- per task
     def cost(self, task: Task, batch: int = 1) -> float:
@@ -344,13 +403,25 @@ class CostModel:
         if key in self._memo:
             return self._memo[key]
         measured = self.profile.get(self.workload, sig) if self.profile is not None else None
-        if measured is None and batch > 1 and self.profile is not None:
-            single = self.profile.get(self.workload, task_signature(task, 1))
-            if single is not None:  # scale the measured single launch by the estimate's batching ratio
-                measured = single * self.estimate(task, batch) / self.estimate(task, 1)
+        if measured is None and self.profile is not None:
+            # scale a measured launch of the same task at the nearest other batch size by the estimate's batching
+            # ratio, so measured and estimated seconds (another device's) never mix for one task
+            other = self._measured_batches(task)
+            if other:
+                b = min(other, key=lambda k: (abs(k - batch), k))
+                measured = other[b] * self.estimate(task, batch) / self.estimate(task, b)
         value = measured if measured is not None else self.estimate(task, batch)
         self._memo[key] = value
         return value
+
+    def _measured_batches(self, task: Task) -> dict[int, float]:
+        """The profile's measured launches of `task`, by batch size."""
+        prefix = f"{self.workload.signature}|{task_signature(task, 1)[:-1]}"
+        key = ("batches", prefix)
+        if key not in self._memo:
+            self._memo[key] = {int(k[len(prefix):]): v for k, v in self.profile.entries.items()
+                               if k.startswith(prefix) and k[len(prefix):].isdigit()}  # fmt: skip
+        return self._memo[key]
 
     def source(self, task: Task, batch: int = 1) -> str:
         """``"profile"`` or ``"estimate"``: where `cost` gets its number."""
@@ -386,21 +457,42 @@ class CostModel:
         per_call = self.workload.config.num_layers * KERNELS_PER_LAYER * self.hardware.launch_seconds
         return len(self.pass_shapes(task)) * per_call
 
-    def pass_flops(self, shape: PassShape) -> float:
+    def pass_flops(self, shape: PassShape, heads: int = 1) -> float:
+        """FLOPs of one call (one segment, one branch); with ``heads = h`` those of the busiest device of an
+        h-way head-parallel split (a token shard through the linear layers, its padded head slots in attention)."""
         c = self.workload.config
         d, f, n, q, k = c.dim, c.ffn_dim, c.num_layers, shape.query_tokens, shape.key_tokens
         patch = c.patch_size[0] * c.patch_size[1] * c.patch_size[2]
         linear = 2 * q * n * (4 * d * d + 2 * d * d + 2 * d * f) + 2 * q * d * patch * (c.in_channels + c.out_channels)
         attention = 4 * d * q * (k + c.text_len) * n
-        return float(linear + attention)
+        if heads == 1:
+            return float(linear + attention)
+        return float(linear * split_tokens(q, heads) / q + attention * head_slots(c.num_heads, heads) / c.num_heads)
 
-    def pass_bytes(self, shape: PassShape, batch: int = 1) -> float:
-        """Bytes one call of `batch` segments moves: weights once, each segment's KV and activations."""
+    def pass_bytes(self, shape: PassShape, batch: int = 1, heads: int = 1) -> float:
+        """Bytes one call of `batch` segments moves: weights once, each segment's KV and activations (on one
+        device of an h-way head split: all weights, its heads' KV, its token shard's activations)."""
         c, b = self.workload.config, self.workload.dtype_bytes
         weights = c.num_parameters() * b
         kv = 2 * c.num_layers * c.dim * b * (shape.key_tokens + shape.query_tokens)
         activations = shape.query_tokens * c.num_layers * (10 * c.dim + 2 * c.ffn_dim) * b
-        return float(weights + batch * (kv + activations))
+        if heads == 1:
+            return float(weights + batch * (kv + activations))
+        q = shape.query_tokens
+        kv = kv * head_slots(c.num_heads, heads) / c.num_heads
+        return float(weights + batch * (kv + activations * split_tokens(q, heads) / q))
+
+    def _dit_seconds(self, task: Task, batch: int = 1, heads: int = 1, branch_ways: int = 1) -> float:
+        """Roofline seconds of the task's model calls on one device (of a split: the busiest one)."""
+        hw, w = self.hardware, self.workload
+        seconds = 0.0
+        calls = batch * w.branches // branch_ways  # the guidance branches are extra segments of the same launch
+        overhead = w.config.num_layers * KERNELS_PER_LAYER * hw.launch_seconds
+        for shape in self.pass_shapes(task):
+            compute = calls * self.pass_flops(shape, heads) / hw.matmul_flops
+            memory = self.pass_bytes(shape, calls, heads) / hw.memory_bandwidth
+            seconds += max(compute, memory) + overhead
+        return seconds
 
     def estimate(self, task: Task, batch: int = 1) -> float:
         """Roofline seconds of one launch of `batch` tasks like `task` on the reference hardware."""
@@ -410,13 +502,7 @@ class CostModel:
             return batch * w.video_frames(len(task.frames)) * h * wd / hw.host_pixels_per_second
         if task.kind == "decode":
             return batch * w.video_frames(len(task.frames)) * h * wd * VAE_DECODE_FLOP_PER_PIXEL / hw.vae_flops
-        seconds = 0.0
-        calls = batch * w.branches  # the guidance branches are extra segments of the same launch
-        overhead = w.config.num_layers * KERNELS_PER_LAYER * hw.launch_seconds
-        for shape in self.pass_shapes(task):
-            compute = calls * self.pass_flops(shape) / hw.matmul_flops
-            memory = self.pass_bytes(shape, calls) / hw.memory_bandwidth
-            seconds += max(compute, memory) + overhead
+        seconds = self._dit_seconds(task, batch)
         if task.kind == "reencode":
             pixels = h * wd
             vae = w.video_frames(REENCODE_LATENTS) * pixels * VAE_DECODE_FLOP_PER_PIXEL
@@ -424,21 +510,172 @@ class CostModel:
             seconds += batch * vae / hw.vae_flops
         return seconds
 
+    # ---- packing several tasks into one launch
+    def streams_cost(self, tasks: Sequence[Task]) -> float:
+        """Seconds of `tasks` launched at once on separate CUDA streams of one device (speed 1).
+
+        They share the device's compute and bandwidth (their work adds up) and hide each other's kernel-launch
+        gaps: all launch overheads but the longest one's. Unlike a batch, the tasks need not be of the same
+        stage. Never shorter than the longest task alone.
+        """
+        singles = [self.cost(t) for t in tasks]
+        overheads = [self.launch_overhead(t) for t in tasks]
+        return max(sum(singles) - (sum(overheads) - max(overheads)), max(singles))
+
+    def streams_ends(self, tasks: Sequence[Task]) -> list[float]:
+        """Seconds after a streams launch starts at which each of `tasks` is done (speed 1). The streams share
+        the device (processor sharing: with n members the shortest ends at n times its own work, and so on),
+        scaled so that the last ends at `streams_cost`."""
+        singles = [self.cost(t) for t in tasks]
+        n, total = len(singles), sum(singles)
+        ends, before = [0.0] * n, 0.0
+        for rank, i in enumerate(sorted(range(n), key=singles.__getitem__)):
+            ends[i] = before + (n - rank) * singles[i]
+            before += singles[i]
+        scale = self.streams_cost(tasks) / total if total > 0 else 0.0
+        return [e * scale for e in ends]
+
+    def activation_bytes(self, task: Task) -> int:
+        """Workspace of one model call of `task` (one segment, every guidance branch): per query token the FFN
+        hidden state and about six hidden-size tensors alive at the peak. 0 for VAE and host tasks."""
+        if not task.is_stage:
+            return 0
+        w, c = self.workload, self.workload.config
+        return len(task.frames) * w.tokens_per_frame * (c.ffn_dim + 6 * c.dim) * w.dtype_bytes * w.branches
+
+    def cross_bytes(self) -> int:
+        """Text K/V of one prompt, every layer and guidance branch (the cross-attention cache of one prompt)."""
+        w, c = self.workload, self.workload.config
+        return 2 * c.num_layers * c.text_len * c.dim * w.dtype_bytes * w.branches
+
+    def launch_workspace(self, tasks: Sequence[Task], mode: str = "single") -> int:
+        """Bytes one launch needs beyond the KV pages: every member's activations (streams run them at once
+        too), plus, for a batch of several segments, the stacked copy of their prompts' text K/V that one
+        batched call reads (`CrossAttentionCache.batch`); a call of one segment on its own stream reads its
+        prompt's cache in place."""
+        act = sum(self.activation_bytes(t) for t in tasks)
+        if mode == "batch" and len(tasks) > 1:
+            act += len(tasks) * self.cross_bytes()
+        return act
+
+    # ---- moldable tasks (one task across several devices; see `split`)
+    def check_split(self, task: Task, split: Split) -> None:
+        """Raise ValueError when `task` cannot run as `split` (not a stage task, branch split without guidance,
+        more head ways than heads)."""
+        if not task.is_stage:
+            raise ValueError(f"split: {task.name} is not a stage task (VAE and host tasks run on one device)")
+        if split.branches == 2 and self.workload.branches != 2:
+            raise ValueError(f"split: {task.name}: a guidance-branch split needs guidance > 1")
+        if split.heads > self.workload.config.num_heads:
+            raise ValueError(f"split: {split.heads} head ways > {self.workload.config.num_heads} heads")
+
+    def split_cost(self, task: Task, split: Split) -> float:
+        """Seconds of `task` run as `split` on devices of speed 1 (see `split` for the scheme).
+
+        The model calls' compute divides as the busiest device sees it (token shard, padded head slots, one
+        branch); the re-encode's VAE part stays on the home device (not divided). Added: per call and layer
+        two all-to-alls of the shard's q, k, v and output over the link (plus the per-collective latency); per
+        denoising step, the exchange of the branches' velocities; the final latents' all-gather; with
+        ``kv="gather"``, collecting the written KV pages on the home device. With a profile, the measured
+        unsplit time is scaled by the estimate's split ratio.
+        """
+        key = ("split", task_signature(task), split)
+        if key in self._memo:
+            return self._memo[key]
+        self.check_split(task, split)
+        base, est = self.cost(task), self.estimate(task)
+        divided = self._dit_seconds(task) - self._dit_seconds(task, 1, split.heads, split.branches)
+        scale = base / est if est > 0 else 1.0
+        value = base - scale * divided + self.split_comm_seconds(task, split)
+        self._memo[key] = value
+        return value
+
+    def split_options(self, task: Task, max_ways: int, kv: str = "split") -> list[Split]:
+        """For each width 2..`max_ways`, the cheapest way to split `task` (head-parallel; guidance-branch parallel,
+        alone or with heads, when guidance is on); empty for tasks that cannot be split."""
+        if not task.is_stage:
+            return []
+        key = ("options", task_signature(task), max_ways, kv)
+        if key in self._memo:
+            return list(self._memo[key])
+        w, c = self.workload, self.workload.config
+        out = []
+        for k in range(2, max_ways + 1):
+            shapes = [(k, 1)] + ([(k // 2, 2)] if w.branches == 2 and k % 2 == 0 else [])
+            options = [Split(h, b, kv) for h, b in shapes if h <= c.num_heads]
+            if options:
+                out.append(min(options, key=lambda sp: (self.split_cost(task, sp), sp.branches)))
+        self._memo[key] = tuple(out)
+        return out
+
+    def split_comm_seconds(self, task: Task, split: Split) -> float:
+        """Seconds of the collectives a split adds to `task` (see `split_cost`)."""
+        w, c = self.workload, self.workload.config
+        bw, lat = self.link("link_bandwidth"), self.link("collective_latency")
+        patch = c.patch_size[0] * c.patch_size[1] * c.patch_size[2]
+        q = len(task.frames) * w.tokens_per_frame
+        seconds = 0.0
+        if split.heads > 1:
+            padded = head_slots(c.num_heads, split.heads) * split.heads * c.head_dim
+            calls = w.branches // split.branches
+            for shape in self.pass_shapes(task):  # q, k, v in and the output back, per layer
+                sent = 4 * shape.query_tokens * padded * w.dtype_bytes * all_to_all_fraction(split.heads)
+                seconds += calls * c.num_layers * (sent / bw + 2 * lat)
+        if split.branches == 2 and len(task.frames) > len(task.given):
+            velocity = split_tokens(q, split.heads) * c.out_channels * patch * LATENT_BYTES
+            seconds += w.steps * (velocity / bw + lat)
+        lh, lw = w.latent_size
+        latents = len(task.frames) * c.in_channels * lh * lw * LATENT_BYTES
+        seconds += latents * (split.ways - 1) / split.ways / bw + lat
+        if split.kv == "gather" and task.cache_pass:
+            branches, (lo, hi) = split.shard(0, c.num_heads, w.branches)
+            home_share = len(branches) / w.branches * (hi - lo) / c.num_heads
+            seconds += len(task.frames) * w.page_bytes() * (1 - home_share) / bw + lat
+        return seconds
+
     # ---- data movement and memory
     def edge_bytes(self, edge: Edge) -> int:
         """Bytes that move when the edge's endpoints run on different devices: KV pages for stage edges,
         latents for chain/decode edges, nothing for host edges (the writer's copy is part of its cost)."""
-        if edge.kind == "stage":
-            return len(edge.frames) * self.workload.page_bytes()
-        if edge.kind in ("chain", "decode"):
-            lh, lw = self.workload.latent_size
-            return len(edge.frames) * self.workload.config.in_channels * lh * lw * LATENT_BYTES
-        return 0
+        key = ("bytes", edge.kind, len(edge.frames))
+        value = self._memo.get(key)
+        if value is None:
+            value = 0
+            if edge.kind == "stage":
+                value = len(edge.frames) * self.workload.page_bytes()
+            elif edge.kind in ("chain", "decode"):
+                lh, lw = self.workload.latent_size
+                value = len(edge.frames) * self.workload.config.in_channels * lh * lw * LATENT_BYTES
+            self._memo[key] = value
+        return value
 
     def transfer_seconds(self, edge: Edge) -> float:
         """Seconds to move the edge's data between two devices (0 for edges without data)."""
         size = self.edge_bytes(edge)
-        return 0.0 if size == 0 else self.hardware.link_latency + size / self.hardware.link_bandwidth
+        return 0.0 if size == 0 else self.link("link_latency") + size / self.link("link_bandwidth")
+
+    def move_seconds(self, edge: Edge, src: Holding, dst: Holding) -> float:
+        """Seconds to bring the edge's data from where its source task left it to where its destination task
+        reads it; `src`, `dst` are (devices, split) holdings. KV pages move per (branch, head) cell: a device
+        receives only the cells it lacks, the busiest receiver or sender sets the time. Latents are on every
+        device of a split and are read on the destination's home device. Between two single devices this is
+        `transfer_seconds` (or 0 on the same device)."""
+        key = ("move", edge.kind, len(edge.frames), src, dst)
+        value = self._memo.get(key)
+        if value is not None:
+            return value
+        size = self.edge_bytes(edge)
+        if size == 0:
+            value = 0.0
+        elif edge.kind != "stage":
+            value = 0.0 if dst[0][0] in src[0] else self.transfer_seconds(edge)
+        else:
+            h, b = self.workload.config.num_heads, self.workload.branches
+            recv, send, _ = move_cells(holdings(src[0], src[1], h, b), needs(dst[0], dst[1], h, b))
+            most = max(recv, send) * size / (h * b)
+            value = 0.0 if most == 0 else self.link("link_latency") + most / self.link("link_bandwidth")
+        self._memo[key] = value
+        return value
 
     def segment_bytes(self, num_frames: int) -> int:
         """KV pages a segment of `num_frames` latent frames holds on a device while its stages run there."""
@@ -446,19 +683,11 @@ class CostModel:
 
     def fixed_bytes(self, dag: TaskDAG) -> int:
         """Bytes every device needs before any segment: DiT and VAE weights, cross-attention caches, and the
-        workspace of the largest stage call of `dag` (or of the VAE decode, whichever is larger)."""
-        import torch
+        workspace of the largest stage call of `dag` (or of the VAE decode, whichever is larger); the memory
+        estimator `memory.estimate_memory` itemises it."""
+        from .memory import estimate_memory
 
-        from ..kv_pool import memory_bytes  # imports the model module (torch) only when memory is asked for
-
-        w, c = self.workload, self.workload.config
-        est = memory_bytes(c, num_pages=0, tokens_per_page=w.tokens_per_frame, num_prompts=w.num_prompts * w.branches,
-                           dtype=getattr(torch, w.dtype))  # fmt: skip
-        vae = VAE_PARAMETERS * w.dtype_bytes
-        frames = max((len(t.frames) for t in dag.tasks if t.is_stage), default=1)
-        act = frames * w.tokens_per_frame * (c.ffn_dim + 6 * c.dim) * w.dtype_bytes * w.branches
-        vae_ws = VAE_WORKSPACE_FRAMES * w.height * w.width * VAE_WORKSPACE_CHANNELS * w.dtype_bytes
-        return est.weights + est.cross + vae + max(act, vae_ws)
+        return estimate_memory(self, dag).fixed
 
     def describe(self) -> str:
         w = self.workload
@@ -471,12 +700,3 @@ class CostModel:
                 else f"estimate for {self.hardware.name}"
             )  # fmt: skip
         )
-
-
-def speed_from_profiles(reference: CostModel, other: CostModel, dag: TaskDAG) -> float:
-    """Relative speed of the device behind `other` against `reference`: total work ratio over `dag`."""
-    ref = sum(reference.cost(t) for t in dag.tasks if not t.on_host)
-    oth = sum(other.cost(t) for t in dag.tasks if not t.on_host)
-    if oth <= 0:
-        raise ValueError("other: the cost model gives zero work")
-    return ref / oth

@@ -237,68 +237,69 @@ def build_dag(
     if handoff and len(handoff) < 2:
         raise ValueError(f"layout {lay.name!r}: the {chain!r} handoff needs at least 2 frames, got {handoff}")
     kept = tuple(range(max(handoff) + 1)) if handoff else tuple(range(lay.num_frames))
-    on_chain = set(chain_stages(lay, handoff)) if num_segments > 1 else set()
-    producer = {f: k for k, st in enumerate(lay.stages) for f in st.frames}
-    # The re-encode reads frame 0 and the last two handoff frames of the predecessor (chain.py's recipe).
-    reencode_reads = (0, *handoff[-2:]) if handoff else ()
-    needed = set(lay.stages_for(set(kept) | set(handoff))) if prune else set(range(lay.num_stages))
-    read_later = {f for k, st in enumerate(lay.stages) if k in needed for f in st.reads}
+    b = _Builder(lay, handoff, kept, num_segments, prune)
+    for s in range(num_segments):
+        b.stages(s)
+        if decode:
+            b.decode(s, write)
+    return TaskDAG(lay, num_segments, chain, tuple(b.tasks), tuple(b.edges), handoff, kept, b.index)
 
-    tasks: list[Task] = []
-    edges: list[Edge] = []
-    index: dict = {}
 
-    def add(task_kwargs: dict, key) -> Task:
-        t = Task(index=len(tasks), **task_kwargs)
-        tasks.append(t)
-        index[key] = t.index
+class _Builder:
+    """Adds the tasks and edges of `build_dag` segment by segment."""
+
+    def __init__(self, lay: Layout, handoff: tuple[int, ...], kept: tuple[int, ...], num_segments: int, prune: bool):
+        self.lay, self.kept = lay, kept
+        self.on_chain = set(chain_stages(lay, handoff)) if num_segments > 1 else set()
+        self.producer = {f: k for k, st in enumerate(lay.stages) for f in st.frames}
+        # The re-encode reads frame 0 and the last two handoff frames of the predecessor (chain.py's recipe).
+        self.reencode_reads = (0, *handoff[-2:]) if handoff else ()
+        self.needed = set(lay.stages_for(set(kept) | set(handoff))) if prune else set(range(lay.num_stages))
+        self.read_later = {f for k, st in enumerate(lay.stages) if k in self.needed for f in st.reads}
+        self.tasks: list[Task] = []
+        self.edges: list[Edge] = []
+        self.index: dict = {}
+        self.stage_task: dict[tuple[int, int], int] = {}
+
+    def add(self, key, **fields) -> Task:
+        t = Task(index=len(self.tasks), **fields)
+        self.tasks.append(t)
+        self.index[key] = t.index
         return t
 
-    stage_task: dict[tuple[int, int], int] = {}
-    for s in range(num_segments):
+    def link(self, segment: int, frames, dst: int, kind: str) -> None:
+        """Edges into `dst` from the stage tasks of `segment` that produce `frames`, one per producer."""
+        by_src: dict[int, list[int]] = {}
+        for f in frames:
+            by_src.setdefault(self.producer[f], []).append(f)
+        for src_stage, fs in sorted(by_src.items()):
+            self.edges.append(Edge(self.stage_task[segment, src_stage], dst, kind, tuple(dict.fromkeys(fs))))
+
+    def stages(self, s: int) -> None:
+        lay = self.lay
         for k, st in enumerate(lay.stages):
-            if k not in needed:
+            if k not in self.needed:
                 continue
             if k == 0:
                 kind = "start" if s == 0 else "reencode"
             else:
                 kind = st.role if st.role in ("plan", "populate", "block") else "block"
             given = tuple(st.frames[: lay.start_frames or 2]) if kind == "reencode" else ()
-            t = add(
-                dict(
-                    segment=s,
-                    kind=kind,
-                    stage=k,
-                    frames=st.frames,
-                    reads=st.reads,
-                    chain=k in on_chain,
-                    given=given,
-                    cache_pass=bool(set(st.frames) & read_later),
-                ),
-                (s, kind, k if kind in ("populate", "block") else None),
-            )
-            stage_task[s, k] = t.index
-            by_src: dict[int, list[int]] = {}
-            for f in st.reads:
-                by_src.setdefault(producer[f], []).append(f)
-            for src_stage, frames in sorted(by_src.items()):
-                edges.append(Edge(stage_task[s, src_stage], t.index, "stage", tuple(frames)))
+            t = self.add(
+                (s, kind, k if kind in ("populate", "block") else None), segment=s, kind=kind, stage=k,
+                frames=st.frames, reads=st.reads, chain=k in self.on_chain, given=given,
+                cache_pass=bool(set(st.frames) & self.read_later),
+            )  # fmt: skip
+            self.stage_task[s, k] = t.index
+            self.link(s, st.reads, t.index, "stage")
             if k == 0 and s > 0:
-                by_src = {}
-                for f in reencode_reads:
-                    by_src.setdefault(producer[f], []).append(f)
-                for src_stage, frames in sorted(by_src.items()):
-                    edges.append(Edge(stage_task[s - 1, src_stage], t.index, "chain", tuple(dict.fromkeys(frames))))
-        if decode:
-            t = add(dict(segment=s, kind="decode", frames=kept), (s, "decode", None))
-            by_src = {}
-            for f in kept:
-                by_src.setdefault(producer[f], []).append(f)
-            for src_stage, frames in sorted(by_src.items()):
-                edges.append(Edge(stage_task[s, src_stage], t.index, "decode", tuple(frames)))
-            if write:
-                w = add(dict(segment=s, kind="write", frames=kept), (s, "write", None))
-                edges.append(Edge(t.index, w.index, "write", kept))
-                if s > 0:
-                    edges.append(Edge(index[s - 1, "write", None], w.index, "order"))
-    return TaskDAG(lay, num_segments, chain, tuple(tasks), tuple(edges), handoff, kept, index)
+                self.link(s - 1, self.reencode_reads, t.index, "chain")
+
+    def decode(self, s: int, write: bool) -> None:
+        t = self.add((s, "decode", None), segment=s, kind="decode", frames=self.kept)
+        self.link(s, self.kept, t.index, "decode")
+        if write:
+            w = self.add((s, "write", None), segment=s, kind="write", frames=self.kept)
+            self.edges.append(Edge(t.index, w.index, "write", self.kept))
+            if s > 0:
+                self.edges.append(Edge(self.index[s - 1, "write", None], w.index, "order"))

@@ -5,9 +5,16 @@ are one launch (on one device; several of them means one batched engine call ove
 different ``stream`` ids inside one launch run concurrently on separate CUDA streams, and host placements
 (``device == HOST``) run on the CPU (the video writer). Times are seconds from the start of the run.
 
+A *widened* placement (``split`` not None) is one task run across several devices at once: ``devices`` lists
+them (``device``, its home, first), ``split`` says how (`split.Split`: head-parallel and/or guidance-branch
+parallel, and where the KV pages it writes end up). It is one launch of its own; every device of it is busy
+from ``start`` to ``end``. A schedule without widened placements is exactly what it was before they existed
+(``devices == (device,)``, ``split is None``, same `to_dict`), so executors that do not know splits run it
+unchanged; `Schedule.has_splits` says whether an executor must (see `split` for the contract).
+
 Memory model: a segment holds its KV pages on a device from the start of its first stage task there to the
-end of its last one (a conservative hull); at no time may more segments be resident on a device than its
-capacity (`MemoryPlan.capacity`).
+end of its last one (a conservative hull; a widened task makes its segment resident on all its devices); at
+no time may more segments be resident on a device than its capacity (`MemoryPlan.capacity`).
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .costs import CostModel
-from .dag import Task, TaskDAG
+from .dag import Edge, Task, TaskDAG
+from .split import Split
 
 HOST = -1
 PACK_MODES = ("single", "batch", "streams")
@@ -31,17 +39,27 @@ class Device:
         name: a label (``"cuda:0"``, ``"sim:3"``).
         speed: relative speed (a task of cost c takes c / speed).
         memory_bytes: memory the run may use on it (free memory); None: not limited.
+        streams: whether launches on separate streams overlap there (CUDA streams); None: from the name,
+            no for a ``"cpu"`` device (the executor runs stream groups one after the other there), yes
+            otherwise.
     """
 
     name: str
     speed: float = 1.0
     memory_bytes: int | None = None
+    streams: bool | None = None
+
+    @property
+    def has_streams(self) -> bool:
+        return self.streams if self.streams is not None else not self.name.lower().startswith("cpu")
 
     def __post_init__(self) -> None:
         if not isinstance(self.speed, (int, float)) or isinstance(self.speed, bool) or not self.speed > 0:
             raise ValueError(f"Device.speed must be a positive number, got {self.speed!r}")
         if self.memory_bytes is not None and (not isinstance(self.memory_bytes, int) or self.memory_bytes < 0):
             raise ValueError(f"Device.memory_bytes must be a non-negative int or None, got {self.memory_bytes!r}")
+        if self.streams is not None and not isinstance(self.streams, bool):
+            raise ValueError(f"Device.streams must be True, False or None, got {self.streams!r}")
 
 
 def simulated_devices(
@@ -58,7 +76,13 @@ def simulated_devices(
 
 @dataclass(frozen=True)
 class Placement:
-    """One task placed: where, on which stream, in which launch, and when (seconds from the run's start)."""
+    """One task placed: where, on which stream, in which launch, and when (seconds from the run's start).
+
+    Attributes:
+        device: the device index (`HOST` for the writer); for a widened task its home device.
+        devices: a widened task's devices, home first (``()`` for a task on one device).
+        split: how a widened task is divided (`split.Split`), None otherwise.
+    """
 
     task: Task
     device: int
@@ -66,25 +90,51 @@ class Placement:
     batch: int
     start: float
     end: float
+    devices: tuple[int, ...] = ()
+    split: Split | None = None
+
+    def __post_init__(self) -> None:
+        if (self.split is None) != (not self.devices):
+            raise ValueError(f"Placement of {self.task.name}: devices and split go together")
+        if self.split is not None:
+            if len(set(self.devices)) != len(self.devices) or len(self.devices) != self.split.ways:
+                raise ValueError(f"Placement of {self.task.name}: {self.split.ways} distinct devices expected, "
+                                 f"got {self.devices}")  # fmt: skip
+            if self.devices[0] != self.device:
+                raise ValueError(f"Placement of {self.task.name}: devices[0] must be the home device {self.device}")
 
     @property
     def duration(self) -> float:
         return self.end - self.start
 
+    @property
+    def all_devices(self) -> tuple[int, ...]:
+        """Every device the placement occupies (one, or a widened task's)."""
+        return self.devices or (self.device,)
+
+    @property
+    def holding(self) -> tuple[tuple[int, ...], Split | None]:
+        """Where the task's outputs live (`CostModel.move_seconds`)."""
+        return self.all_devices, self.split
+
 
 @dataclass(frozen=True)
 class Unit:
     """A launch: one task (``"single"``), tasks of the same stage of several segments batched into one engine
-    call (``"batch"``), or tasks running concurrently on separate CUDA streams of one device (``"streams"``)."""
+    call (``"batch"``), or tasks running concurrently on separate CUDA streams of one device (``"streams"``).
+    A single task may be widened across ``split.ways`` devices (`split`)."""
 
     tasks: tuple[int, ...]
     mode: str = "single"
+    split: Split | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in PACK_MODES:
             raise ValueError(f"Unit.mode must be one of {', '.join(PACK_MODES)}, got {self.mode!r}")
         if not self.tasks or (self.mode == "single") != (len(self.tasks) == 1):
             raise ValueError(f"Unit: mode {self.mode!r} does not fit {len(self.tasks)} tasks")
+        if self.split is not None and self.mode != "single":
+            raise ValueError("Unit: only a single task can be widened across devices")
 
 
 @dataclass
@@ -112,28 +162,44 @@ class Schedule:
             cached = self.__dict__["_by_task_cache"] = {p.task.index: p for p in self.placements}
         return cached
 
+    @property
+    def has_splits(self) -> bool:
+        """Whether some task is widened across several devices (an executor must know `split` to run it)."""
+        return any(p.split is not None for p in self.placements)
+
     def device_name(self, device: int) -> str:
         return "host" if device == HOST else self.devices[device].name
 
     def by_device(self) -> dict[int, list[Placement]]:
+        """Placements per device; a widened placement is listed under each of its devices."""
         out: dict[int, list[Placement]] = {}
         for p in self.placements:
-            out.setdefault(p.device, []).append(p)
+            for d in p.all_devices:
+                out.setdefault(d, []).append(p)
         return out
 
     def launches(self) -> list[list[Placement]]:
-        """Placements grouped by launch (batch id), in start order: what an executor issues."""
+        """Placements grouped by launch (batch id), in start order: what an executor issues. A widened task is
+        one launch; its home device (``device``) lists it, `launches_on` lists it for each of its devices."""
         groups: dict[int, list[Placement]] = {}
         for p in self.placements:
             groups.setdefault(p.batch, []).append(p)
         return sorted(groups.values(), key=lambda g: (g[0].start, g[0].device))
 
+    def launches_on(self, device: int) -> list[list[Placement]]:
+        """The launches `device` takes part in (as the only device, or as one of a widened task's), in start
+        order (ties by task index)."""
+        groups = [g for g in self.launches() if device in g[0].all_devices]
+        return sorted(groups, key=lambda g: (g[0].start, min(p.task.index for p in g)))
+
     def busy(self) -> list[float]:
-        """Busy seconds of each device (launches, not tasks: a batch counts once)."""
+        """Busy seconds of each device (launches, not tasks: a batch counts once; a widened task on each of its
+        devices)."""
         out = [0.0] * len(self.devices)
         for group in self.launches():
             if group[0].device != HOST:
-                out[group[0].device] += max(p.end for p in group) - min(p.start for p in group)
+                for d in group[0].all_devices:
+                    out[d] += max(p.end for p in group) - min(p.start for p in group)
         return out
 
     def resident(self) -> list[list[tuple[int, float, float]]]:
@@ -142,8 +208,9 @@ class Schedule:
         for p in self.placements:
             if p.device == HOST or not p.task.is_stage:
                 continue
-            h = hull.setdefault((p.device, p.task.segment), [p.start, p.end])
-            h[0], h[1] = min(h[0], p.start), max(h[1], p.end)
+            for d in p.all_devices:
+                h = hull.setdefault((d, p.task.segment), [p.start, p.end])
+                h[0], h[1] = min(h[0], p.start), max(h[1], p.end)
         out: list[list[tuple[int, float, float]]] = [[] for _ in self.devices]
         for (d, s), (lo, hi) in sorted(hull.items()):
             out[d].append((s, lo, hi))
@@ -153,9 +220,38 @@ class Schedule:
         """Largest number of segments resident at once on each device."""
         return [_max_overlap([(lo, hi) for _, lo, hi in r]) for r in self.resident()]
 
+    def segment_done(self, segment: int) -> float:
+        """When `segment`'s frames are final: the end of its last task (the write, else the decode, else its
+        last stage). ``segment_done(0)`` is the time to the first segment, what a streaming viewer waits."""
+        return max(p.end for p in self.placements if p.task.segment == segment)
+
+    def chain_end(self) -> float:
+        """When the planning chain is done: the end of the last chain task (0 without a chain)."""
+        return max((p.end for p in self.placements if p.task.chain), default=0.0)
+
+    def edge_delay(self, edge: Edge, costs: CostModel) -> float:
+        """Transfer seconds between the placements of the edge's endpoints (0 on one device or via the host)."""
+        src, dst = self._by_task[edge.src], self._by_task[edge.dst]
+        if HOST in (src.device, dst.device):
+            return 0.0
+        if src.split is None and dst.split is None:
+            return 0.0 if src.device == dst.device else costs.transfer_seconds(edge)
+        return costs.move_seconds(edge, src.holding, dst.holding)
+
     def check(self, costs: CostModel | None = None) -> None:
         """Raise ValueError if a task is missing or placed twice, a dependency (plus its transfer, when `costs`
-        is given) is violated, two launches overlap on one device stream or the host, or memory is exceeded."""
+        is given) is violated, two launches overlap on one device stream or the host, a widened task is not
+        a stage task (or does not fit the workload), or memory is exceeded."""
+        problems = self._check_tasks(costs) + self._check_lanes()
+        if self.capacity:
+            for d, peak in enumerate(self.peak_resident()):
+                cap = self.capacity[d]
+                if cap is not None and peak > cap:
+                    problems.append(f"{self.devices[d].name}: {peak} segments resident at once, capacity {cap}")
+        if problems:
+            raise ValueError(f"invalid schedule ({self.policy}): " + "; ".join(problems[:8]))
+
+    def _check_tasks(self, costs: CostModel | None) -> list[str]:
         problems: list[str] = []
         seen = [p.task.index for p in self.placements]
         if sorted(seen) != list(range(len(self.dag.tasks))):
@@ -166,57 +262,63 @@ class Schedule:
                 problems.append(f"{p.task.name} ends before it starts")
             if (p.device == HOST) != p.task.on_host:
                 problems.append(f"{p.task.name} is on the wrong kind of resource ({self.device_name(p.device)})")
+            if p.split is not None:
+                try:
+                    if costs is None and not p.task.is_stage:
+                        raise ValueError(f"split: {p.task.name} is not a stage task")
+                    if costs is not None:
+                        costs.check_split(p.task, p.split)
+                except ValueError as e:
+                    problems.append(str(e))
             for e in self.dag.preds[p.task.index]:
                 src = by.get(e.src)
                 if src is None:
                     continue
-                delay = 0.0
-                if costs is not None and HOST not in (src.device, p.device) and src.device != p.device:
-                    delay = costs.transfer_seconds(e)
+                delay = self.edge_delay(e, costs) if costs is not None else 0.0
                 if p.start < src.end + delay - 1e-6:
                     problems.append(f"{p.task.name} starts at {p.start:.4f} before {src.task.name} ends (+transfer)")
-        lanes: dict[tuple[int, int], list[tuple[float, float, int]]] = {}
+        return problems
+
+    def _check_lanes(self) -> list[str]:
+        problems: list[str] = []
+        lanes: dict[int, list[tuple[float, float, int]]] = {}
         for group in self.launches():
             p0 = group[0]
             if len({(p.device, p.start) for p in group}) != 1:
                 problems.append(f"launch {p0.batch} mixes devices or start times")
+            if len(group) > 1 and any(p.split is not None for p in group):
+                problems.append(f"launch {p0.batch}: a widened task is a launch of its own")
             if p0.device == HOST:
                 for p in group:
-                    lanes.setdefault((HOST, 0), []).append((p.start, p.end, p.batch))
+                    lanes.setdefault(HOST, []).append((p.start, p.end, p.batch))
             else:
-                lanes.setdefault((p0.device, 0), []).append((p0.start, max(p.end for p in group), p0.batch))
-        for (d, _), spans in lanes.items():
+                for d in p0.all_devices:
+                    lanes.setdefault(d, []).append((p0.start, max(p.end for p in group), p0.batch))
+        for d, spans in lanes.items():
             spans.sort()
             for a, b in zip(spans, spans[1:]):
                 if b[0] < a[1] - 1e-6:
                     problems.append(f"launches {a[2]} and {b[2]} overlap on {self.device_name(d)}")
-        if self.capacity:
-            for d, peak in enumerate(self.peak_resident()):
-                cap = self.capacity[d]
-                if cap is not None and peak > cap:
-                    problems.append(f"{self.devices[d].name}: {peak} segments resident at once, capacity {cap}")
-        if problems:
-            raise ValueError(f"invalid schedule ({self.policy}): " + "; ".join(problems[:8]))
+        return problems
 
     def to_dict(self) -> dict:
+        """JSON-ready; a widened placement also has ``devices`` (names, home first) and ``split``."""
+        out = []
+        for p in self.placements:
+            row = {
+                "task": p.task.name, "segment": p.task.segment, "kind": p.task.kind, "stage": p.task.stage,
+                "device": self.device_name(p.device), "stream": p.stream, "batch": p.batch,
+                "start": round(p.start, 6), "end": round(p.end, 6),
+            }  # fmt: skip
+            if p.split is not None:
+                row["devices"] = [self.device_name(d) for d in p.devices]
+                row["split"] = p.split.to_dict()
+            out.append(row)
         return {
             "policy": self.policy,
             "makespan": self.makespan,
             "devices": [{"name": d.name, "speed": d.speed, "memory_bytes": d.memory_bytes} for d in self.devices],
-            "placements": [
-                {
-                    "task": p.task.name,
-                    "segment": p.task.segment,
-                    "kind": p.task.kind,
-                    "stage": p.task.stage,
-                    "device": self.device_name(p.device),
-                    "stream": p.stream,
-                    "batch": p.batch,
-                    "start": round(p.start, 6),
-                    "end": round(p.end, 6),
-                }  # fmt: skip
-                for p in self.placements
-            ],
+            "placements": out,
         }
 
 
@@ -260,12 +362,21 @@ class Bounds:
         return max(self.value, self.work + self.tail)
 
 
-def lower_bound(dag: TaskDAG, costs: CostModel, devices: Sequence[Device]) -> Bounds:
-    """Speed-weighted lower bounds: critical path at the fastest speed, total work over the sum of speeds."""
+def lower_bound(dag: TaskDAG, costs: CostModel, devices: Sequence[Device], *, widen: bool = False) -> Bounds:
+    """Speed-weighted lower bounds: critical path at the fastest speed, total work over the sum of speeds.
+
+    With ``widen=True`` the bounds hold for schedules that may split stage tasks across devices: each task on
+    the critical path at its fastest width (`CostModel.split_options`), its work at its cheapest width
+    (devices x seconds)."""
     if not devices:
         raise ValueError("devices: at least one device is required")
     fastest = max(d.speed for d in devices)
-    cp, _ = dag.longest_path(lambda t: costs.cost(t) if t.on_host else costs.cost(t) / fastest)
+    shortest = {t.index: costs.cost(t) for t in dag.tasks}
+    if widen:
+        for t in dag.tasks:
+            for sp in costs.split_options(t, len(devices)):
+                shortest[t.index] = min(shortest[t.index], costs.split_cost(t, sp))
+    cp, _ = dag.longest_path(lambda t: shortest[t.index] if t.on_host else shortest[t.index] / fastest)
     groups: dict[str, list[Task]] = {}
     for t in dag.tasks:
         if not t.on_host:
@@ -276,12 +387,14 @@ def lower_bound(dag: TaskDAG, costs: CostModel, devices: Sequence[Device]) -> Bo
         per = costs.cost(t)
         if t.kind == "populate":  # packing can amortise per-launch costs; take its best case
             per = min(per, costs.cost(t, len(tasks)) / len(tasks), per - costs.launch_overhead(t))
+        if widen:
+            per = min([per] + [sp.ways * costs.split_cost(t, sp) for sp in costs.split_options(t, len(devices))])
         work += per * len(tasks)
     host = sum(costs.cost(t) for t in dag.tasks if t.on_host)
     after = [0.0] * len(dag.tasks)
     for t in reversed(dag.tasks):
         after[t.index] = max(
-            (after[e.dst] + (costs.cost(dag.tasks[e.dst]) / (1 if dag.tasks[e.dst].on_host else fastest))
+            (after[e.dst] + (shortest[e.dst] / (1 if dag.tasks[e.dst].on_host else fastest))
              for e in dag.succs[t.index]), default=0.0,
         )  # fmt: skip
     tail = min((after[t.index] for t in dag.tasks if not t.on_host), default=0.0)

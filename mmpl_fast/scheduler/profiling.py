@@ -68,9 +68,6 @@ def measure_profile(
     """
     import torch
 
-    from ..kv_pool import KVPool
-    from ..model import CausalWanModel
-
     for name, value in (("warmup", warmup), ("repeat", repeat)):
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "warmup" else 1):
             kind = "non-negative" if name == "warmup" else "positive"
@@ -80,7 +77,6 @@ def measure_profile(
     cache = cache if cache is not None else ProfileCache()
     dev = torch.device(device)
     profile = cache.load(device_name(dev), workload.config, workload.dtype)
-    estimate = CostModel(workload)
     todo: dict[str, tuple[Task, int]] = {}
     for t in dag.tasks:
         if not t.is_stage:
@@ -92,51 +88,71 @@ def measure_profile(
     vae_todo = vae is not None and (force or profile.get(workload, task_signature(_decode_task(dag))) is None)
     if not todo and not vae_todo:
         return profile
-
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    timed = functools.partial(_timed, sync=sync, warmup=warmup, repeat=repeat)
+    with torch.no_grad():
+        _measure_stages(profile, dag, workload, todo, dev, max(batch_sizes), timed)
+    if vae_todo:
+        _measure_vae(profile, dag, workload, vae, dev, timed)
+    cache.save(profile)
+    return profile
+
+
+def _measure_stages(profile: Profile, dag: TaskDAG, workload: Workload, todo, dev, max_batch: int, timed) -> None:
+    """Time one model call of each stage shape in `todo` over a real `KVPool`, times the calls it makes."""
+    import torch
+
+    from ..kv_pool import KVPool
+    from ..model import CausalWanModel
+
+    estimate = CostModel(workload)
     dtype = getattr(torch, workload.dtype)
     cfg = workload.config
     lh, lw = workload.latent_size
-    tokens = workload.tokens_per_frame
     n_frames = dag.layout.num_frames
-    max_batch = max(batch_sizes)
-    with torch.no_grad():
-        model = CausalWanModel(cfg).to(device=dev, dtype=dtype).eval()
-        pool = KVPool(cfg, n_frames * max_batch, tokens, device=dev, dtype=dtype)
-        text = torch.zeros(1, cfg.text_len, cfg.text_dim, device=dev, dtype=dtype)
-        cross1 = model.embed_context(text)
-        for sig, (task, b) in todo.items():
-            frames = list(task.frames)
-            write = [[s * n_frames + f for f in frames] for s in range(b)]
-            read = [[s * n_frames + f for f in task.reads] for s in range(b)]
-            view = pool.view(frames, write, read)
-            x = torch.randn(b, len(frames), cfg.in_channels, lh, lw, device=dev, dtype=dtype)
-            ts = torch.full((b, len(frames)), 500.0, device=dev)
-            cross = cross1.select([0] * b)
-            per_call = _timed(functools.partial(model, x, ts, cross, view), sync, warmup, repeat)
-            calls = len(estimate.pass_shapes(task)) * workload.branches
-            seconds = per_call * calls
-            if task.kind == "reencode":  # its VAE part keeps the estimate unless a VAE is timed below
-                seconds += estimate.estimate(task, b) - estimate.estimate(_without_vae(task), b)
-            profile.record(workload, sig, seconds, alpha=1.0)
-    if vae_todo:
-        decode, encode = vae
-        dec_task = _decode_task(dag)
-        z = torch.randn(1, cfg.in_channels, len(dec_task.frames), lh, lw, device=dev, dtype=dtype)
-        profile.record(workload, task_signature(dec_task), _timed(lambda: decode(z), sync, warmup, repeat), alpha=1.0)
-        re = next((t for t in dag.tasks if t.kind == "reencode"), None)
-        if re is not None:
-            from .costs import REENCODE_LATENTS, REENCODE_VIDEO_FRAMES
+    model = CausalWanModel(cfg).to(device=dev, dtype=dtype).eval()
+    pool = KVPool(cfg, n_frames * max_batch, workload.tokens_per_frame, device=dev, dtype=dtype)
+    text = torch.zeros(1, cfg.text_len, cfg.text_dim, device=dev, dtype=dtype)
+    cross1 = model.embed_context(text)
+    for sig, (task, b) in todo.items():
+        frames = list(task.frames)
+        write = [[s * n_frames + f for f in frames] for s in range(b)]
+        read = [[s * n_frames + f for f in task.reads] for s in range(b)]
+        view = pool.view(frames, write, read)
+        x = torch.randn(b, len(frames), cfg.in_channels, lh, lw, device=dev, dtype=dtype)
+        ts = torch.full((b, len(frames)), 500.0, device=dev)
+        cross = cross1.select([0] * b)
+        per_call = timed(functools.partial(model, x, ts, cross, view))
+        seconds = per_call * len(estimate.pass_shapes(task)) * workload.branches
+        if task.kind == "reencode":  # its VAE part keeps the estimate unless a VAE is timed below
+            seconds += estimate.estimate(task, b) - estimate.estimate(_without_vae(task), b)
+        profile.record(workload, sig, seconds, alpha=1.0)
 
-            z4 = torch.randn(1, cfg.in_channels, REENCODE_LATENTS, lh, lw, device=dev, dtype=dtype)
-            video = torch.randn(1, 3, REENCODE_VIDEO_FRAMES, workload.height, workload.width, device=dev, dtype=dtype)
-            vae_s = _timed(lambda: (decode(z4), encode(video)), sync, warmup, repeat)
-            sig = task_signature(re)
-            dit = profile.get(workload, sig)
-            dit = dit - (estimate.estimate(re) - estimate.estimate(_without_vae(re))) if dit is not None else 0.0
-            profile.record(workload, sig, max(0.0, dit) + vae_s, alpha=1.0)
-    cache.save(profile)
-    return profile
+
+def _measure_vae(profile: Profile, dag: TaskDAG, workload: Workload, vae, dev, timed) -> None:
+    """Time the decode task and the re-encode's VAE part (decode 4 latents, encode 5 frames)."""
+    import torch
+
+    from .costs import REENCODE_LATENTS, REENCODE_VIDEO_FRAMES
+
+    estimate = CostModel(workload)
+    dtype = getattr(torch, workload.dtype)
+    cfg = workload.config
+    lh, lw = workload.latent_size
+    decode, encode = vae
+    dec_task = _decode_task(dag)
+    z = torch.randn(1, cfg.in_channels, len(dec_task.frames), lh, lw, device=dev, dtype=dtype)
+    profile.record(workload, task_signature(dec_task), timed(lambda: decode(z)), alpha=1.0)
+    re = next((t for t in dag.tasks if t.kind == "reencode"), None)
+    if re is None:
+        return
+    z4 = torch.randn(1, cfg.in_channels, REENCODE_LATENTS, lh, lw, device=dev, dtype=dtype)
+    video = torch.randn(1, 3, REENCODE_VIDEO_FRAMES, workload.height, workload.width, device=dev, dtype=dtype)
+    vae_s = timed(lambda: (decode(z4), encode(video)))
+    sig = task_signature(re)
+    dit = profile.get(workload, sig)
+    dit = dit - (estimate.estimate(re) - estimate.estimate(_without_vae(re))) if dit is not None else 0.0
+    profile.record(workload, sig, max(0.0, dit) + vae_s, alpha=1.0)
 
 
 def _decode_task(dag: TaskDAG) -> Task:
