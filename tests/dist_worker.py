@@ -45,11 +45,13 @@ def main(argv: list[str]) -> None:
 
         StageEngine.run_stage = boom
     pipe = Pipeline.tiny(seed=0)
-    frames, info = [], {}
+    frames = []
     num_frames = 81 + (args.segments - 1) * SEGMENT_FRAMES
-    for seg in pipe.stream("a red circle", num_frames=num_frames, height=32, width=32, seed=5, batch_segments=1,
-                           progress=False, _info=info):  # fmt: skip
+    stream = pipe.stream("a red circle", num_frames=num_frames, height=32, width=32, seed=5, batch_segments=1,
+                         progress=False)  # fmt: skip
+    for seg in stream:
         frames.append(seg.frames)
+    info = stream.info
     if args.nccl_order:
         Path(f"{args.out}.rank{rank}.json").write_text(json.dumps(nccl_order.LOG))
     if rank == 0:

@@ -37,6 +37,7 @@ from mmpl_fast.scheduler import (
     task_signature,
 )
 from mmpl_fast.scheduler.listsched import ListScheduler
+from mmpl_fast.scheduler.memory import estimate_memory
 from mmpl_fast.scheduler.placement import Unit, pack_key
 from mmpl_fast.scheduler.simulate import main as cli_main
 
@@ -609,7 +610,7 @@ def test_preflight_refuses_what_cannot_fit_and_says_what_would():
 def test_preflight_capacity_and_left_out_devices():
     dag = build_dag("mmpl", 12)
     gib = 1024**3
-    fixed, seg = COSTS.fixed_bytes(dag), COSTS.segment_bytes(dag.layout.num_frames)
+    fixed, seg = estimate_memory(COSTS, dag).fixed, COSTS.segment_bytes(dag.layout.num_frames)
     devs = [Device("big", memory_bytes=fixed + 3 * seg + gib // 2), Device("small", memory_bytes=fixed),
             Device("unknown")]  # fmt: skip
     mem = preflight(dag, COSTS, devs)

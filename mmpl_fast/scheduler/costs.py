@@ -681,14 +681,6 @@ class CostModel:
         """KV pages a segment of `num_frames` latent frames holds on a device while its stages run there."""
         return num_frames * self.workload.page_bytes()
 
-    def fixed_bytes(self, dag: TaskDAG) -> int:
-        """Bytes every device needs before any segment: DiT and VAE weights, cross-attention caches, and the
-        workspace of the largest stage call of `dag` (or of the VAE decode, whichever is larger); the memory
-        estimator `memory.estimate_memory` itemises it."""
-        from .memory import estimate_memory
-
-        return estimate_memory(self, dag).fixed
-
     def describe(self) -> str:
         w = self.workload
         return (
