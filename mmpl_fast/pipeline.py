@@ -509,7 +509,7 @@ class Pipeline:
         peak, states = sched.peak_resident(), {}
         for i in [rank] if world > 1 else range(len(devs)):
             dev = devs[0] if world > 1 else devs[i]
-            model, vae = self._replica(dev)
+            model, vae = self._replica(dev, i)
             cross = CrossAttentionCache()
             for key, text in texts.items():
                 cross.get(model, key, text.to(dev))
@@ -531,11 +531,17 @@ class Pipeline:
         out.update({k: t[None] for k, t in video.texts.items() if isinstance(t, torch.Tensor)})
         return out
 
-    def _replica(self, device: torch.device):
-        """(transformer, VideoVAE) on `device`: the pipeline's own, or copies made once per device."""
-        if device == self.device or (device.type == self.device.type == "cpu"):
-            return self.transformer, self.vae
+    def _replica(self, device: torch.device, index: int = 0):
+        """(transformer, VideoVAE) for scheduler device `index` on `device`: the pipeline's own, or copies made
+        once per device. CPU workers share the weights, but each gets its own VAE module: a Wan VAE keeps its
+        causal frame cache on the module, so two threads decoding through one module corrupt each other."""
         cache = self.__dict__.setdefault("_replicas", {})
+        if device == self.device or (device.type == self.device.type == "cpu"):
+            if index == 0:
+                return self.transformer, self.vae
+            if ("cpu", index) not in cache:
+                cache["cpu", index] = (self.transformer, VideoVAE(_sharing_weights(self.vae.vae)))
+            return cache["cpu", index]
         if device not in cache:
             model = copy.deepcopy(self.transformer).to(device)
             cache[device] = (model, VideoVAE(copy.deepcopy(self.vae.vae).to(device)))
@@ -599,6 +605,13 @@ def _assemble(req: Request, segments: list[SegmentFrames]) -> Any:
     if req.output_type == "pt":
         return torch.stack([torch.cat([s.frames for s in segs], dim=0) for segs in per_video])
     return [[img for s in segs for img in s.frames] for segs in per_video]
+
+
+def _sharing_weights(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `module` with its own non-tensor state (caches set during a call) and the same parameter and
+    buffer tensors (no memory for weights)."""
+    memo = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+    return copy.deepcopy(module, memo)
 
 
 def run_signature(*parts) -> str:

@@ -336,6 +336,19 @@ def test_two_devices_in_one_process_give_the_same_video(pipe):
     assert torch.equal(one, rr)
 
 
+def test_two_devices_in_one_process_decode_the_same_frames(pipe):
+    # Decoding on two workers at once: each needs its own VAE module (a Wan VAE keeps its causal frame cache on
+    # the module). Sharing one lost or garbled frames of whichever segment two threads decoded together.
+    n = ChainPlan(mmpl()).video_frames(2)
+    call = dict(prompt="a red circle", height=32, width=32, num_frames=n, seed=3, output_type="pt", progress=False)
+    one = pipe(**call).frames
+    assert one.shape[1] == n
+    for devices in (["cpu:0", "cpu:1"], ["cpu", "cpu"]):
+        out = pipe(**call, devices=devices, policy="adaptive")
+        assert {p.device for p in out.info["measured"].placements if p.task.kind == "decode"} == {0, 1}
+        assert out.frames.shape == one.shape and torch.equal(out.frames, one)
+
+
 def test_pipeline_reports_the_schedule_and_measured_timeline(pipe, tmp_path):
     out = pipe(prompt="a red circle", height=32, width=32, num_frames=ChainPlan(mmpl()).video_frames(2), seed=1,
                progress=False)  # fmt: skip

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..config import ModelConfig, resolve_config
-from .dag import Edge, Task, TaskDAG
+from .dag import Edge, Task
 from .split import Split, all_to_all_fraction, head_slots, holdings, move_cells, needs, split_tokens
 
 # --- estimate constants ---------------------------------------------------------------------------------------
