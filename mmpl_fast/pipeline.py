@@ -23,6 +23,7 @@ import json
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from ._generation import (
 )
 from .chain import encode_start, reencode, start_latents
 from .components import TextEncoder, VideoVAE
+from .cpu import cpu_workers, one_intra_op_thread
 from .engine import StageEngine, keyed_noise
 from .kv_pool import CrossAttentionCache, KVPool
 from .layouts import Layout
@@ -385,7 +387,13 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------- execution
     def _videos(self, req: Request, info: dict) -> Iterator[SegmentFrames]:
-        """Every video of the request, one after the other (each its own chain of segments)."""
+        """Every video of the request, one after the other (each its own chain of segments); on a CPU with one
+        intra-op thread per worker (see `cpu`)."""
+        on_cpu = all(torch.device(d).type == "cpu" for d in (req.devices or [self.device]))
+        with one_intra_op_thread() if on_cpu else nullcontext():
+            yield from self._run_videos(req, info)
+
+    def _run_videos(self, req: Request, info: dict) -> Iterator[SegmentFrames]:
         placement = self._preflight(req)  # refuses a run that cannot fit before anything is written
         info.update(seeds=[v.seed for v in req.videos], num_segments=req.num_segments, layout=req.layout.name,
                     steps=req.steps, guidance=req.guidance, sampler=req.sampler, shift=req.shift,
@@ -397,7 +405,7 @@ class Pipeline:
             warnings.warn(
                 f"{req.num_frames} frames is not a whole number of segments: generating {req.num_segments} "
                 f"segments ({info['generated_frames']} frames) and trimming to {req.num_frames}",
-                stacklevel=3,
+                stacklevel=4,
             )
         for b, video in enumerate(req.videos):
             yield from self._video(req, b, video, placement, info)
@@ -466,8 +474,15 @@ class Pipeline:
         return step
 
     def _devices(self, req: Request) -> list[torch.device]:
-        """This process's devices: one per rank under torchrun, else the request's (default: the pipeline's)."""
-        return [self.device] if _world() > 1 or req.devices is None else list(req.devices)
+        """This process's devices: one per rank under torchrun, else the request's; by default the pipeline's,
+        or on a CPU one worker per idle core (`cpu.cpu_workers`)."""
+        if _world() > 1:
+            return [self.device]
+        if req.devices is not None:
+            return list(req.devices)
+        if self.device.type == "cpu":
+            return [self.device] * cpu_workers(limit=req.num_segments * len(req.plan.stages))
+        return [self.device]
 
     def _preflight(self, req: Request) -> dict:
         """Check memory before any work (`scheduler.preflight`): the workload, each device's profile name and
