@@ -235,3 +235,20 @@ def test_timeline_bar_spans_a_widened_tasks_devices(tmp_path, monkeypatch):
     p = next(p for p in wide.placements if p.split is not None and max(p.devices) - min(p.devices) == p.split.ways - 1)
     tall = [r for r in drawn if abs(r.get_x() - p.start) < 1e-12 and r.get_height() > 1]
     assert tall and tall[0].get_height() == pytest.approx(p.split.ways - 1 + 0.7)
+
+
+def test_executor_refuses_a_widened_schedule():
+    """Real runs execute unsplit schedules only (for now): a widened one is refused before any work."""
+    from mmpl_fast.scheduler.execute import Executor
+
+    dag = build_dag("mmpl", 3)
+    wide = adaptive(dag, COSTS, simulated_devices(4), split="auto", budget=0)
+    assert wide.has_splits
+
+    class NoWork:
+        def __getattr__(self, name):
+            raise AssertionError(f"work touched: {name}")
+
+    with pytest.raises(NotImplementedError, match="split='off'"):
+        Executor(wide, NoWork())
+    Executor(adaptive(dag, COSTS, simulated_devices(4)), NoWork())  # an unsplit one is accepted

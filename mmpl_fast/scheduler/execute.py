@@ -302,6 +302,13 @@ class Executor:
         *,
         on_launch: Callable[[list[Placement]], None] | None = None,
     ):
+        if schedule.has_splits:  # see `split` for what running one needs; refused rather than run wrong
+            widened = [p.task.name for p in schedule.placements if len(p.devices) > 1]
+            raise NotImplementedError(
+                f"this schedule runs {len(widened)} task(s) across several devices ({', '.join(widened[:3])}"
+                f"{', ...' if len(widened) > 3 else ''}); the executor runs unsplit schedules only: schedule "
+                "with split='off'"
+            )
         self.schedule, self.work = schedule, work
         self.transport = transport if transport is not None else LocalTransport()
         self.on_launch = on_launch
