@@ -100,6 +100,18 @@ PRESETS: dict[str, ModelConfig] = {
     "embedded": ModelConfig(
         name="embedded", dim=128, num_heads=4, num_layers=4, ffn_dim=384, freq_dim=64, text_dim=64, text_len=32
     ),
+    # Its successor's geometry, for a 4x-spatial `WorldVAE` (16x16 latents of a 64-pixel frame, 4x4 patches).
+    "embedded-4x": ModelConfig(
+        name="embedded-4x",
+        dim=192,
+        num_heads=6,
+        num_layers=4,
+        ffn_dim=576,
+        freq_dim=64,
+        text_dim=64,
+        text_len=32,
+        patch_size=(1, 4, 4),
+    ),
     "wan2.1-t2v-1.3b": ModelConfig(name="wan2.1-t2v-1.3b", dim=1536, num_heads=12, num_layers=30, ffn_dim=8960),
     "wan2.1-t2v-14b": ModelConfig(name="wan2.1-t2v-14b", dim=5120, num_heads=40, num_layers=40, ffn_dim=13824),
 }

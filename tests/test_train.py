@@ -212,6 +212,9 @@ BAD_FLAGS = [
     (["--init", "/nonexistent"], "not a pipeline folder"),
     (["--threads", "0"], "--threads must be > 0"),
     (["--resume"], "no checkpoint"),
+    (["--vae-spatial", "4", "--height", "36"], "multiples of 8 (VAE 4x"),
+    (["--vae-edge", "-1"], "vae_edge must be"),
+    (["--vae-blocks", "-1"], "vae_blocks must be"),
 ]
 
 

@@ -54,6 +54,41 @@ def test_bad_inputs(vae):
         WorldVAE(latents_mean=[0.0] * 3)
     with pytest.raises(ValueError, match="4x in time"):
         WorldVAE(scale_factor_temporal=2)
+    with pytest.raises(ValueError, match="4 or 8x in space"):
+        WorldVAE(scale_factor_spatial=2)
+    with pytest.raises(ValueError, match="upsampling"):
+        WorldVAE(upsampling="bilinear")
+
+
+@pytest.mark.parametrize("blocks,upsampling", [(1, "nearest"), (2, "transpose")])
+def test_4x_variant_with_residual_blocks_keeps_the_interface(blocks, upsampling, tmp_path):
+    torch.manual_seed(0)
+    vae = WorldVAE(base_channels=8, scale_factor_spatial=4, num_res_blocks=blocks, upsampling=upsampling).eval()
+    x = torch.rand(1, 3, 9, 16, 24) * 2 - 1
+    z = vae.encode(x).latent_dist.mode()
+    assert z.shape == (1, 16, 3, 4, 6)  # 4x in space
+    assert vae.decode(z).sample.shape == x.shape
+    assert VideoVAE(vae).spatial == 4
+    with pytest.raises(ValueError, match="multiples of 4"):
+        vae.encode(torch.zeros(1, 3, 5, 14, 16))
+    plain = WorldVAE(base_channels=8, scale_factor_spatial=4, upsampling=upsampling)
+    assert sum(p.numel() for p in vae.parameters()) > sum(p.numel() for p in plain.parameters())
+    vae.save_pretrained(tmp_path / "vae")  # the variant is in the folder's config: it loads as itself
+    back = WorldVAE.from_pretrained(tmp_path / "vae")
+    assert (back.config.num_res_blocks, back.config.upsampling, back.config.scale_factor_spatial) == (
+        blocks, upsampling, 4)  # fmt: skip
+    assert torch.equal(back.decode(z).sample, vae.decode(z).sample)
+
+
+def test_outline_term_penalises_blurred_edges():
+    torch.manual_seed(0)
+    vae = WorldVAE(base_channels=8, scale_factor_spatial=4).eval()
+    x = torch.rand(1, 3, 5, 16, 16) * 2 - 1
+    torch.manual_seed(1)
+    plain, mse = reconstruction_loss(vae, x)
+    torch.manual_seed(1)
+    edged, mse2 = reconstruction_loss(vae, x, edge_weight=0.5)
+    assert torch.equal(mse, mse2) and edged > plain
 
 
 def test_save_and_load_keep_weights_and_statistics(vae, tmp_path):
@@ -69,9 +104,10 @@ def test_save_and_load_keep_weights_and_statistics(vae, tmp_path):
     assert torch.allclose(z, (raw - 0.5) / 2.0)  # the pipeline normalises with the stored statistics
 
 
-def test_a_few_vae_steps_lower_the_loss_and_fill_in_the_statistics(tmp_path):
+@pytest.mark.parametrize("variant", [{}, dict(vae_spatial=4, vae_blocks=1, vae_upsampling="nearest", vae_edge=0.5)])
+def test_a_few_vae_steps_lower_the_loss_and_fill_in_the_statistics(tmp_path, variant):
     cfg = TrainConfig(out=tmp_path, vae_steps=40, vae_batch=2, vae_lr=2e-3, vae_channels=8, height=32, width=32,
-                      num_clips=8, config="tiny")  # fmt: skip
+                      num_clips=8, config="tiny", **variant)  # fmt: skip
     vae = train_vae(cfg, progress=False)
     rows = (tmp_path / "vae_log.csv").read_text().splitlines()[1:]
     mse = [float(r.split(",")[1]) for r in rows]
@@ -80,6 +116,7 @@ def test_a_few_vae_steps_lower_the_loss_and_fill_in_the_statistics(tmp_path):
     assert len(std) == 16 and all(s > 0 for s in std) and std != [1.0] * 16
     again = train_vae(cfg, progress=False)  # finished: loaded, not retrained
     assert again.config.latents_std == std
+    assert VideoVAE(again).spatial == cfg.vae_spatial
     x = torch.rand(1, 3, 5, 32, 32) * 2 - 1
     loss, m = reconstruction_loss(vae, x)
     assert loss >= m > 0

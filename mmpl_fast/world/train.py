@@ -109,7 +109,9 @@ class TrainConfig:
         train_text: also train the text encoder.
         vae_steps: without `init`, first train a `WorldVAE` for this many steps (0: keep the random tiny Wan VAE,
             which only tests use); `vae_batch` clips of 9 frames per step, peak learning rate `vae_lr`,
-            `vae_channels` channels at full resolution.
+            `vae_channels` channels at full resolution, `vae_spatial`x spatial compression (8 or 4),
+            `vae_blocks` residual blocks per level, `vae_upsampling` ("transpose" / "nearest"), `vae_edge`
+            the weight of the outline term (`vae.reconstruction_loss`).
     """
 
     out: str | os.PathLike = "runs/train"
@@ -137,6 +139,10 @@ class TrainConfig:
     vae_batch: int = 8
     vae_lr: float = 1e-3
     vae_channels: int = 16
+    vae_spatial: int = 8
+    vae_blocks: int = 0
+    vae_upsampling: str = "transpose"
+    vae_edge: float = 0.0
     _layouts: tuple[Layout, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -149,7 +155,7 @@ class TrainConfig:
             positive_int(name)
         for name in ("vae_batch", "vae_channels"):
             positive_int(name)
-        for name in ("warmup", "seed", "save_every", "vae_steps"):
+        for name in ("warmup", "seed", "save_every", "vae_steps", "vae_blocks"):
             positive_int(name, 0)
         for name, low, high in (("lr", 0, math.inf), ("grad_clip", 0, math.inf), ("shift", 0, math.inf),
                                 ("fps", 0, math.inf), ("vae_lr", 0, math.inf)):  # fmt: skip
@@ -161,11 +167,18 @@ class TrainConfig:
                 f"weight_decay must be >= 0 and prompt_dropout in [0, 1], got {self.weight_decay}, "
                 f"{self.prompt_dropout}"
             )
+        if self.vae_spatial not in (4, 8) or self.vae_upsampling not in ("transpose", "nearest"):
+            raise ValueError(f"vae_spatial must be 4 or 8 and vae_upsampling 'transpose' or 'nearest', got "
+                             f"{self.vae_spatial!r}, {self.vae_upsampling!r}")  # fmt: skip
+        if isinstance(self.vae_edge, bool) or not isinstance(self.vae_edge, (int, float)) or not self.vae_edge >= 0:
+            raise ValueError(f"vae_edge must be a number >= 0, got {self.vae_edge!r}")
         if self.timesteps not in TIMESTEP_MODES:
             raise ValueError(f"timesteps {self.timesteps!r} is not one of {', '.join(TIMESTEP_MODES)}")
-        if self.height % 16 or self.width % 16:
+        grid = self.vae_spatial * resolve_config(self.config).patch_size[1]
+        if self.height % grid or self.width % grid:
             raise ValueError(
-                f"height, width must be multiples of 16 (VAE 8x x patch 2), got {self.height}x{self.width}"
+                f"height, width must be multiples of {grid} (VAE {self.vae_spatial}x x patch), got "
+                f"{self.height}x{self.width}"
             )
         if self.num_clips > HELDOUT_SEED:
             raise ValueError(f"num_clips must be <= {HELDOUT_SEED} (higher scene seeds are held out)")
@@ -289,7 +302,7 @@ def _cosine_lr(peak: float, step: int, total: int, warmup: int) -> float:
 
 def _vae_batch(cfg: TrainConfig, step: int) -> torch.Tensor:
     """``[vae_batch, 3, 9, c, c]`` crops of world clips for step `step`: training scenes, random start times,
-    one random crop of ``c = min(VAE_CROP, H, W)`` pixels (on the 8-pixel latent grid) per step."""
+    one random crop of ``c = min(VAE_CROP, H, W)`` pixels (on the VAE's latent grid) per step."""
     gen = np.random.default_rng([cfg.seed, 0x7AE, step])
     clips = []
     for _ in range(cfg.vae_batch):
@@ -299,8 +312,9 @@ def _vae_batch(cfg: TrainConfig, step: int) -> torch.Tensor:
                                                   fps=cfg.fps)))  # fmt: skip
     x = torch.stack(clips)
     ch, cw = min(VAE_CROP, cfg.height), min(VAE_CROP, cfg.width)
-    y0 = int(gen.integers(0, (cfg.height - ch) // 8 + 1)) * 8
-    x0 = int(gen.integers(0, (cfg.width - cw) // 8 + 1)) * 8
+    s = cfg.vae_spatial
+    y0 = int(gen.integers(0, (cfg.height - ch) // s + 1)) * s
+    x0 = int(gen.integers(0, (cfg.width - cw) // s + 1)) * s
     return x[..., y0 : y0 + ch, x0 : x0 + cw].contiguous()
 
 
@@ -315,11 +329,14 @@ def train_vae(cfg: TrainConfig, *, progress: bool = True):
 
     folder = Path(cfg.out) / "vae"
     done = folder / "state.json"
-    if done.is_file() and json.loads(done.read_text()).get("steps") == cfg.vae_steps:
+    settings = {"steps": cfg.vae_steps, "channels": cfg.vae_channels, "spatial": cfg.vae_spatial,
+                "blocks": cfg.vae_blocks, "upsampling": cfg.vae_upsampling, "edge": cfg.vae_edge}  # fmt: skip
+    if done.is_file() and json.loads(done.read_text()) == settings:
         return WorldVAE.from_pretrained(folder).eval()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        vae = WorldVAE(base_channels=cfg.vae_channels).train()
+        vae = WorldVAE(base_channels=cfg.vae_channels, scale_factor_spatial=cfg.vae_spatial,
+                       num_res_blocks=cfg.vae_blocks, upsampling=cfg.vae_upsampling).train()  # fmt: skip
         opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, betas=(0.9, 0.99), weight_decay=0.0)
         folder.parent.mkdir(parents=True, exist_ok=True)
         bar = tqdm(total=cfg.vae_steps, desc="vae", unit="step", disable=not progress)
@@ -331,7 +348,7 @@ def train_vae(cfg: TrainConfig, *, progress: bool = True):
                 lr = _cosine_lr(cfg.vae_lr, step, cfg.vae_steps, min(100, cfg.vae_steps // 10 + 1))
                 for g in opt.param_groups:
                     g["lr"] = lr
-                loss, mse = reconstruction_loss(vae, _vae_batch(cfg, step))
+                loss, mse = reconstruction_loss(vae, _vae_batch(cfg, step), edge_weight=cfg.vae_edge)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
@@ -354,7 +371,7 @@ def train_vae(cfg: TrainConfig, *, progress: bool = True):
     tmp = folder.with_name("vae.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     vae.save_pretrained(tmp)
-    (tmp / "state.json").write_text(json.dumps({"steps": cfg.vae_steps}))
+    (tmp / "state.json").write_text(json.dumps(settings))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     return vae
@@ -678,6 +695,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default %(default)s)")  # fmt: skip
     v.add_argument("--vae-channels", type=int, default=d["vae_channels"].default,
                    help="VAE channels at full resolution (default %(default)s)")  # fmt: skip
+    v.add_argument("--vae-spatial", type=int, choices=(4, 8), default=d["vae_spatial"].default,
+                   help="VAE spatial compression (default %(default)s; 4 keeps small shapes apart)")  # fmt: skip
+    v.add_argument("--vae-blocks", type=int, default=d["vae_blocks"].default,
+                   help="residual blocks per VAE level (default %(default)s)")  # fmt: skip
+    v.add_argument("--vae-upsampling", choices=("transpose", "nearest"), default=d["vae_upsampling"].default,
+                   help="the VAE decoder's 2x steps (default %(default)s)")  # fmt: skip
+    v.add_argument("--vae-edge", type=float, default=d["vae_edge"].default,
+                   help="weight of the VAE's outline loss (default %(default)s)")  # fmt: skip
 
     o = p.add_argument_group("optimisation")
     o.add_argument(
@@ -712,7 +737,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         shift=args.shift, prompt_dropout=args.prompt_dropout, height=args.height, width=args.width,
         num_clips=args.num_clips, seed=args.seed, save_every=args.save_every, config=args.config,
         text_len=args.text_len, init=args.init, train_text=not args.freeze_text, vae_steps=args.vae_steps,
-        vae_batch=args.vae_batch, vae_lr=args.vae_lr, vae_channels=args.vae_channels,
+        vae_batch=args.vae_batch, vae_lr=args.vae_lr, vae_channels=args.vae_channels, vae_spatial=args.vae_spatial,
+        vae_blocks=args.vae_blocks, vae_upsampling=args.vae_upsampling, vae_edge=args.vae_edge,
     )  # fmt: skip
 
 
