@@ -21,12 +21,13 @@ from typing import NoReturn
 import numpy as np
 import torch
 
-from . import distributed
+from . import distributed, preview
 from .layouts import LAYOUTS
 from .pipeline import FPS, KINDS, MODES, Pipeline, VideoStream
 from .request import SEED_LIMIT, check_device, check_workdir, load_media
 from .sampling import SAMPLERS
 
+PREVIEW_FRAMES = 10  # frames on a --preview contact sheet
 EXAMPLE = (
     'python -m mmpl_fast.generate --prompt "a red circle bouncing on a blue background" --seconds 10 --out out.mp4'
 )
@@ -88,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "the model and the scheduler spreads the segments' stages over them; under torchrun each rank "
                    "uses one device instead")  # fmt: skip
     m.add_argument("--timeline", default=None, help="write a Gantt chart (PNG) of what the run did, per device")
+    m.add_argument("--preview", default=None, metavar="PATH.png",
+                   help=f"also write a contact sheet: {PREVIEW_FRAMES} frames evenly spaced over the video, each "
+                   "labelled with its time (the last line printed names it)")  # fmt: skip
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -198,8 +202,12 @@ def _check_flags(args) -> dict:
     if args.image and args.video:
         raise ValueError("pass --image or --video, not both")
     out = _check_out(args.out)
-    if args.timeline is not None:
-        _check_out(args.timeline, suffix=".png", flag="--timeline")
+    for flag in ("timeline", "preview"):
+        if getattr(args, flag) is not None:
+            _check_out(getattr(args, flag), suffix=".png", flag=f"--{flag}")
+    pngs = [Path(f).resolve() for f in (args.timeline, args.preview) if f is not None]
+    if len(pngs) == 2 and pngs[0] == pngs[1]:
+        raise ValueError(f"--preview {args.preview}: the same file as --timeline")
     check_workdir(args.workdir, "--workdir")
     prompts = {"prompt": args.prompt} if args.prompt is not None else _read_prompts(args.prompts_file)
     if "prompt" in prompts and not args.prompt.strip():
@@ -231,9 +239,10 @@ def _prepare(args) -> tuple[Pipeline, VideoStream, Path]:
     return pipe, stream, run["out"]
 
 
-def _write(stream: VideoStream, out: Path) -> int:
+def _write(stream: VideoStream, out: Path, picked: dict | None = None) -> int:
     """Write the stream's frames to `out` through a temporary file renamed at the end (nothing is left behind
-    when the run fails); the number of frames written."""
+    when the run fails); the number of frames written. With `picked` (a dict), the frames a contact sheet shows
+    (`preview.frame_indices` of the video's length) are kept in it, by index."""
     import imageio.v2 as imageio
 
     tmp = out.with_name(f".{out.stem}.partial{out.suffix}")
@@ -244,10 +253,14 @@ def _write(stream: VideoStream, out: Path) -> int:
             first = next(stream)  # the pre-flight memory check runs here, before the file is opened
         for w in caught:
             print(f"note: {w.message}", file=sys.stderr)
+        keep = set() if picked is None else set(preview.frame_indices(stream.info["video_frames"], PREVIEW_FRAMES))
         with imageio.get_writer(tmp, fps=FPS, codec="libx264", quality=8, macro_block_size=1) as writer:
             for seg in itertools.chain([first], stream):
                 for frame in seg.frames:
-                    writer.append_data((frame * 255).round().astype(np.uint8))
+                    pixels = (frame * 255).round().astype(np.uint8)
+                    writer.append_data(pixels)
+                    if written in keep:
+                        picked[written] = pixels
                     written += 1
         os.replace(tmp, out)
     finally:
@@ -287,12 +300,26 @@ def main(argv: list[str] | None = None) -> int:
             pass
         return 0
     start = time.perf_counter()
+    picked = None if args.preview is None else {}
     try:
-        written = _write(stream, out)
+        written = _write(stream, out, picked)
     except (ValueError, TypeError, FileNotFoundError) as e:
         _fail(parser, str(e))
     _report(args, pipe, stream.info, out, written, time.perf_counter() - start)
+    if picked:  # the last line names the sheet
+        preview.write_sheet(picked, args.preview, fps=FPS, title=_title(args))
+        print(f"wrote {args.preview}: contact sheet of {len(picked)} frames over {written / FPS:.1f} s")
     return 0
+
+
+def _title(args) -> str:
+    """The prompt(s) of the run, in one line (a contact sheet's title)."""
+    if args.prompt is not None:
+        return args.prompt
+    prompts = _read_prompts(args.prompts_file)
+    if "prompt_schedule" in prompts:
+        return " | ".join(f"{t:g} s: {p}" for t, p in prompts["prompt_schedule"])
+    return " | ".join(f"segment {k}: {p}" for k, p in enumerate(prompts["segment_prompts"]))
 
 
 def _split_devices(text: str | None) -> list[str] | None:

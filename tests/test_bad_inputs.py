@@ -135,6 +135,12 @@ CLI_CASES = [
     (["--prompts-file", "{tmp}/none.txt"], "--prompts-file not found"),
     (["--prompts-file", "{tmp}/empty.txt"], "holds no prompts"),
     (["--prompts-file", "{tmp}/two.txt"], "needs 1 segments"),
+    # --preview: a .png in a folder that exists
+    (["--preview", "{tmp}/nowhere/p.png"], "--preview {tmp}/nowhere/p.png: folder {tmp}/nowhere does not exist"),
+    (["--preview", "{tmp}/file/p.png"], "folder {tmp}/file is a file, not a folder"),
+    (["--preview", "{tmp}/p.jpg"], "--preview {tmp}/p.jpg: only .png output is supported"),
+    (["--preview", "{tmp}/dir.png"], "--preview {tmp}/dir.png is a folder"),
+    (["--preview", "{tmp}/same.png", "--timeline", "{tmp}/same.png"], "the same file as --timeline"),
 ]
 # with the real loader
 LOADER_CASES = [
@@ -159,6 +165,15 @@ def run_cli(tmp, flags, capsys) -> str:
     (line,) = [ln for ln in err.splitlines() if "error:" in ln]
     assert sorted(p.relative_to(tmp) for p in tmp.rglob("*")) == before, "something was written"
     return line
+
+
+def test_a_bad_preview_path_fails_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    def load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(generate, "load_pipeline", load)
+    line = run_cli(tmp_path, ["--preview", "{tmp}/missing/sheet.png"], capsys)
+    assert "--preview" in line and "does not exist" in line
 
 
 @pytest.mark.parametrize("flags, message", CLI_CASES, ids=[" ".join(f)[:60] for f, _ in CLI_CASES])

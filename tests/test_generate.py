@@ -8,7 +8,7 @@ import sys
 import imageio.v3 as iio
 import numpy as np
 
-from mmpl_fast import embedded, generate
+from mmpl_fast import embedded, generate, preview
 
 SMALL = ["--height", "32", "--width", "32", "--quiet"]
 
@@ -25,6 +25,24 @@ def test_cli_writes_mp4_with_right_frames_and_size(tmp_path, capsys):
     assert "trimming to 90" in text.err  # 2 segments generated (157 frames), trimmed, and said so
     if not embedded.available():  # a checkout without the trained weights says it runs the random preset
         assert "random 'tiny' preset" in text.err
+
+
+def test_cli_preview_writes_a_contact_sheet_named_on_the_last_line(tmp_path, capsys):
+    out, png = tmp_path / "v.mp4", tmp_path / "v.png"
+    rc = generate.main(["--prompt", "a red circle", "--num-frames", "90", "--out", str(out), "--preview", str(png),
+                        *SMALL])  # fmt: skip
+    assert rc == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == f"wrote {png}: contact sheet of 10 frames over 5.6 s" and lines[-2].startswith(f"wrote {out}")
+    sheet = iio.imread(png)
+    count = generate.PREVIEW_FRAMES
+    assert sheet.shape[1::-1] == preview.sheet_size(count, 32, 32, title=True) == (count * 128 + (count + 1) * 4, 172)
+    video = iio.imread(out)  # each tile is the video's frame at its time (up to the mp4's compression)
+    top = preview.TITLE_HEIGHT + preview.GAP
+    for k, index in enumerate(preview.frame_indices(90, count)):
+        x = preview.GAP + k * (128 + preview.GAP)
+        tile = sheet[top : top + 128 : 4, x : x + 128 : 4].astype(float)
+        assert np.abs(tile - video[index]).mean() < 8, k
 
 
 def test_cli_timeline_devices_and_policy(tmp_path, capsys):
@@ -51,5 +69,6 @@ def test_cli_help_documents_every_flag():
     for flag in ["--prompt", "--prompts-file", "--seconds", "--num-frames", "--mode", "--layout", "--steps",
                  "--guidance", "--seed", "--height", "--width", "--image", "--video", "--model", "--out",
                  "--workdir", "--device", "--chain", "--negative-prompt", "--devices", "--policy", "--timeline",
-                 "--batch-segments", "--components", "--quiet", "--kind", "--sampler", "--shift"]:  # fmt: skip
+                 "--batch-segments", "--components", "--quiet", "--kind", "--sampler", "--shift",
+                 "--preview"]:  # fmt: skip
         assert flag in text

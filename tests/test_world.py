@@ -197,8 +197,13 @@ def test_metrics_see_a_wrong_caption_and_drift():
     half = "a large red circle bouncing on a black background"  # right colours, wrong shape
     assert evaluate.adherence(evaluate.detect(world.render(a, 1, 64, 64)[0]), half) == pytest.approx(2 / 3)
     report = evaluate.detect(world.render(a, 1, 64, 64)[0])
-    assert evaluate.checks(report, half) == {"background_ok": 1.0, "color_found": 1.0, "shape_ok": 0.0}
-    assert evaluate.checks(report, wrong) == {"background_ok": 0.0, "color_found": 0.0, "shape_ok": 0.0}
+    # a red square under a caption naming a red circle: the square is a shape nobody asked for
+    assert evaluate.checks(report, half) == {"background_ok": 1.0, "color_found": 1.0, "shape_ok": 0.0,
+                                             "no_unprompted": 0.0}  # fmt: skip
+    assert evaluate.checks(report, wrong) == {"background_ok": 0.0, "color_found": 0.0, "shape_ok": 0.0,
+                                              "no_unprompted": 0.0}  # fmt: skip
+    right = "a large red square bouncing on a black background"
+    assert evaluate.checks(report, right) == dict.fromkeys(evaluate.CHECKS, 1.0)
     # the second half of the video changes background, shape colour and size: every drift metric sees it
     b = world.Scene("gray", (world.SceneObject("square", "orange", "small", motion),))
     frames = np.concatenate([world.render(a, 96, 64, 64), world.render(b, 96, 64, 64, start=96)])
@@ -208,6 +213,43 @@ def test_metrics_see_a_wrong_caption_and_drift():
     assert first["background_drift"] == 0 and last["background_drift"] > 0.2
     assert last["color_drift"] == 1 and last["size_drift"] == 1  # the red square is gone
     assert last["count_drift"] == 0  # still one shape
+
+
+def test_no_unprompted_objects_passes_ground_truth():
+    """Rendered clips of the evaluation's 8 held-out scenes (20 s each): >= 98 % of frames show nothing the
+    caption does not name (16 scenes at 60 s: 98.5 %, see the module doc of `evaluate`)."""
+    from mmpl_fast.world import evaluate
+    from mmpl_fast.world.train import HELDOUT_SEED
+
+    scores = []
+    for k in range(8):
+        scene = world.sample_scene(HELDOUT_SEED + k)
+        rows = evaluate.video_metrics(world.render(scene, 321, 64, 64), world.caption(scene))
+        scores += [r["no_unprompted"] for r in rows]
+    assert np.mean(scores) >= 0.98
+
+
+@pytest.mark.parametrize("k", [0, 3])
+def test_no_unprompted_objects_fails_on_an_added_object(k):
+    """The same clip with one more shape (a colour and a shape the caption does not name) fails the check in
+    (almost) every frame, while the caption's own checks still pass: only this check sees it."""
+    from mmpl_fast.world import evaluate
+    from mmpl_fast.world.train import HELDOUT_SEED
+
+    scene = world.sample_scene(HELDOUT_SEED + k)
+    prompt = world.caption(scene)
+    color = next(c for c in world.OBJECT_COLORS if c not in {scene.background, *(o.color for o in scene.objects)})
+    shape = next(s for s in world.SHAPES if s not in {o.shape for o in scene.objects})
+    motion = world.Motion("circling", 0.5, 0.5, radius=0.2, period=5.0)
+    extra = world.SceneObject(shape, color, "large", motion)
+    frames = world.render(world.Scene(scene.background, (extra, *scene.objects)), 161, 64, 64)  # drawn behind
+    rows = evaluate.video_metrics(frames, prompt)
+    assert np.mean([r["no_unprompted"] for r in rows]) <= 0.1
+    assert np.mean([r["background_ok"] for r in rows]) == 1 and np.mean([r["color_found"] for r in rows]) >= 0.95
+    seen = {(d.color, d.shape) for f in frames[::8] for d in evaluate.unprompted(evaluate.detect(f), prompt)}
+    assert (color, shape) in seen
+    clean = evaluate.video_metrics(world.render(scene, 161, 64, 64), prompt)
+    assert np.mean([r["no_unprompted"] for r in clean]) >= 0.95
 
 
 def test_evaluate_cli_writes_csv_summary_and_plot(tmp_path, capsys):
@@ -231,6 +273,31 @@ def test_evaluate_cli_writes_csv_summary_and_plot(tmp_path, capsys):
     assert evaluate.main([*flags, "--through-vae", "--modes", "mmpl", "--out", str(out / "vae"), "--quiet"]) == 0
     capsys.readouterr()
     assert set(json.loads((out / "vae" / "summary.json").read_text())["mmpl"]["checks"]) == set(evaluate.CHECKS)
+
+
+def test_evaluate_docs_flag_rewrites_the_readme_figures(tmp_path, capsys):
+    """--docs DIR: the plot (one panel per `PLOTTED` metric, mmpl and ar) and the summary land in DIR under the
+    names the README shows; a missing DIR is refused before any video is made."""
+    import imageio.v3 as iio
+
+    from mmpl_fast.world import evaluate
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "eval_metrics.png").write_bytes(b"old")
+    flags = ["--ground-truth", "--prompts", "1", "--seconds", "2", "--height", "32", "--width", "32", "--quiet"]
+    assert evaluate.main([*flags, "--out", str(tmp_path / "eval"), "--docs", str(docs)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith(f"wrote {docs / 'eval_metrics.png'}")
+    image = iio.imread(docs / "eval_metrics.png")
+    assert image.shape[1] == round(3.6 * len(evaluate.PLOTTED) * 100) and image.shape[0] == 320
+    assert (docs / "eval_metrics.png").read_bytes() == (tmp_path / "eval" / "metrics.png").read_bytes()
+    summary = json.loads((docs / "eval_summary.json").read_text())
+    assert set(summary) >= {"mmpl", "ar"} and summary["mmpl"]["checks"]["no_unprompted"] == 1.0
+    assert "no_unprompted" in evaluate.PLOTTED
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([*flags, "--out", str(tmp_path / "eval2"), "--docs", str(tmp_path / "nowhere")])
+    assert e.value.code == 2 and "--docs" in capsys.readouterr().err
+    assert not (tmp_path / "eval2").exists()
 
 
 def test_through_vae_returns_the_reconstruction():
