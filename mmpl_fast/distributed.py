@@ -41,12 +41,11 @@ def init_from_env(device: str | None = None) -> bool:
 
 def comm_device() -> torch.device:
     """Where this rank's collective and point-to-point buffers live: under NCCL its GPU (``LOCAL_RANK``, the
-    device `init_from_env` binds), under gloo the CPU."""
-    if dist.get_backend() != "nccl":
-        return torch.device("cpu")
-    local = os.environ.get("LOCAL_RANK")
-    index = int(local) if local is not None else torch.cuda.current_device()  # current device: set by the caller
-    return torch.device("cuda", index)
+    device `init_from_env` binds), under gloo the CPU. The rule lives in `scheduler.execute.comm_device`, which
+    `DistributedTransport` uses too."""
+    from .scheduler.execute import comm_device as rule
+
+    return rule(dist)
 
 
 def rank() -> int:

@@ -23,16 +23,24 @@ def available() -> bool:
     return (ASSET / "model_index.json").is_file()
 
 
-def load_pipeline(device: torch.device | str = "cpu", kind: str | None = None) -> Pipeline:
+def load_pipeline(
+    device: torch.device | str = "cpu",
+    kind: str | None = None,
+    torch_dtype: torch.dtype | str | None = None,
+    offload: bool = False,
+) -> Pipeline:
     """The embedded pipeline on `device` (the random tiny one, with a warning, when no weights ship); `kind`
-    overrides its sampling defaults' kind."""
+    overrides its sampling defaults' kind; `torch_dtype` and `offload` as `Pipeline.from_pretrained`'s (default
+    dtype: bfloat16 on CUDA, float32 on a CPU)."""
     if available():
-        return Pipeline.from_pretrained(ASSET, device=device, kind=kind)
+        return Pipeline.from_pretrained(ASSET, device=device, kind=kind, torch_dtype=torch_dtype, offload=offload)
     print(
         f"warning: no embedded model in {ASSET}; using the random 'tiny' preset (the video will be noise). "
         "Train it with the command in the README, or pass --model for real weights.",
         file=sys.stderr,
     )
-    pipe = Pipeline.tiny(seed=0, device=device)
+    pipe = Pipeline.tiny(seed=0, device=device, torch_dtype=torch_dtype)
     pipe.kind = kind or pipe.kind
+    if offload:
+        pipe.enable_model_cpu_offload(device=device)
     return pipe

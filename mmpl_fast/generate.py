@@ -28,6 +28,7 @@ from .request import SEED_LIMIT, check_device, check_workdir, load_media
 from .sampling import SAMPLERS
 
 PREVIEW_FRAMES = 10  # frames on a --preview contact sheet
+DTYPE_CHOICES = ("bf16", "fp16", "fp32", "bfloat16", "float16", "float32")  # `request.DTYPES` names
 EXAMPLE = (
     'python -m mmpl_fast.generate --prompt "a red circle bouncing on a blue background" --seconds 10 --out out.mp4'
 )
@@ -84,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", default="out.mp4", help="output .mp4 (written under a temporary name, then renamed)")
     m.add_argument("--workdir", help="save finished segments here; rerunning the same command resumes")
     m.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    m.add_argument("--dtype", choices=list(DTYPE_CHOICES), default=None,
+                   help="the weights', KV cache's and activations' dtype (DiT, VAE, text encoder); the timestep "
+                   "sinusoid, RoPE and the sampler's latents stay float64/float32 (default: bf16 on CUDA, fp32 on "
+                   "a CPU)")  # fmt: skip
+    m.add_argument("--offload", action="store_true",
+                   help="keep the text encoder on the CPU (prompts are encoded once there, only their embeddings "
+                   "go to the GPU): umT5-XXL needs no GPU memory (as diffusers' enable_model_cpu_offload)")  # fmt: skip
     m.add_argument("--devices", default=None,
                    help="several devices of this process, comma-separated (cuda:0,cuda:1): each gets a copy of "
                    "the model and the scheduler spreads the segments' stages over them; under torchrun each rank "
@@ -159,24 +167,27 @@ def _media(args) -> dict:
     return {}
 
 
-def load_pipeline(model: str | None, components: str | None, device: str, kind: str | None = None) -> Pipeline:
-    """The pipeline --model / --components name (default: the embedded model)."""
+def load_pipeline(model: str | None, components: str | None, device: str, kind: str | None = None,
+                  dtype: str | None = None, offload: bool = False) -> Pipeline:  # fmt: skip
+    """The pipeline --model / --components name (default: the embedded model), in `dtype` (--dtype; default:
+    bf16 on CUDA, fp32 on a CPU), with the text encoder on the CPU when `offload`."""
+    opts = dict(kind=kind, torch_dtype=dtype, offload=offload)
     if model is None:
         from . import embedded
 
-        return embedded.load_pipeline(device=device, kind=kind)
+        return embedded.load_pipeline(device=device, **opts)
     path = Path(model)
     if not path.exists():
         raise FileNotFoundError(f"--model not found: {path}")
     if path.is_dir() and (path / "model_index.json").exists():
-        return Pipeline.from_pretrained(path, device=device, kind=kind)
+        return Pipeline.from_pretrained(path, device=device, **opts)
     if components is None:
         raise ValueError(f"--model {path} is a transformer checkpoint: pass --components DIR (a diffusers Wan2.1 "
                          "folder with tokenizer, text_encoder and vae)")  # fmt: skip
     if not Path(components).is_dir():
         what = "is a file" if Path(components).exists() else "does not exist"
         raise ValueError(f"--components {components} {what}; expected a diffusers Wan2.1 pipeline folder")
-    return Pipeline.from_pretrained(components, transformer=path, device=device, kind=kind)
+    return Pipeline.from_pretrained(components, transformer=path, device=device, **opts)
 
 
 def _check_flags(args) -> dict:
@@ -228,7 +239,7 @@ def _prepare(args) -> tuple[Pipeline, VideoStream, Path]:
     device = run["device"]
     if distributed.init_from_env(device) and device == "cuda":
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"  # torchrun: one GPU per local rank
-    pipe = load_pipeline(args.model, args.components, device, args.kind)
+    pipe = load_pipeline(args.model, args.components, device, args.kind, args.dtype, args.offload)
     stream = pipe.stream(
         negative_prompt=args.negative_prompt, height=args.height, width=args.width, num_frames=run["num_frames"],
         num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler, shift=args.shift,

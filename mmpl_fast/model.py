@@ -88,10 +88,13 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm32(nn.LayerNorm):
-    """LayerNorm computed in float32 (the affine cross-attention pre-norm)."""
+    """LayerNorm computed in float32, its affine weights included whatever their dtype (the cross-attention
+    pre-norm)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type_as(x)
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
 
 
 class SelfAttention(nn.Module):

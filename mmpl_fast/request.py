@@ -238,6 +238,29 @@ def check_device(value, name: str = "device") -> torch.device:
     return dev
 
 
+#: The dtypes a pipeline runs in, by every name `resolve_dtype` accepts.
+DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+    "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}  # fmt: skip
+
+
+def resolve_dtype(dtype, device, name: str = "torch_dtype") -> torch.dtype:
+    """The dtype a pipeline on `device` runs in: `dtype` (a `torch.dtype` or a name of `DTYPES`, e.g. "bf16"),
+    or by default bfloat16 on CUDA and float32 elsewhere (a CPU has no fast bf16 path and the tests' Triton
+    interpreter no bf16 at all). Decided from the device's type only, so it needs no GPU to answer "cuda"."""
+    if dtype is None:
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if isinstance(dtype, str):
+        key = dtype.strip().lower().removeprefix("torch.")
+        if key not in DTYPES:
+            raise ValueError(f"{name} {dtype!r} is not one of {', '.join(DTYPES)}")
+        return DTYPES[key]
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"{name} must be torch.bfloat16, torch.float16 or torch.float32 (or its name), got {dtype!r}")
+    return dtype
+
+
 def check_devices(devices) -> tuple[torch.device, ...] | None:
     """This process's devices (None: the pipeline's own). Under torchrun each rank runs one device."""
     if devices is None:

@@ -30,6 +30,7 @@ timeline plot and for `CostModel.observe`.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -142,6 +143,25 @@ class LocalTransport:
         self._box.clear()
 
 
+def comm_device(comm=None, device: torch.device | str | None = None) -> torch.device:
+    """Where this rank's point-to-point and collective buffers live, decided here only: under NCCL the rank's
+    GPU (`device` when given, which must be a CUDA device; else ``cuda:$LOCAL_RANK``, the GPU torchrun's
+    launch binds; else the current device), under any other backend (gloo) the CPU. `comm`: what answers
+    ``get_backend()`` (default: torch.distributed's default process group; tests pass a fake)."""
+    if comm is None:
+        import torch.distributed as comm
+    if comm.get_backend() != "nccl":
+        return torch.device("cpu")
+    if device is not None:
+        dev = torch.device(device)
+        if dev.type != "cuda":
+            raise ValueError(f"device: NCCL moves CUDA tensors, got {device!r}")
+        return dev
+    local = os.environ.get("LOCAL_RANK")
+    index = int(local) if local is not None else torch.cuda.current_device()  # current device: set by the caller
+    return torch.device("cuda", index)
+
+
 class DistributedTransport:
     """One device per rank of the default process group (device i = rank i; the host writer is rank 0).
 
@@ -161,11 +181,12 @@ class DistributedTransport:
 
     Each tensor of a message is its own point-to-point transfer; both sides know the shapes from the schedule,
     so no header is needed. Waits on a peer are bounded by the process group's timeout. gloo moves CPU tensors,
-    NCCL CUDA ones. One thread per rank uses it (one device per rank). `comm` replaces torch.distributed
+    NCCL CUDA ones (`comm_device`: the rank's GPU, or `device` when given). One thread per rank uses it (one
+    device per rank). `comm` replaces torch.distributed
     (``get_rank``, ``get_backend``, ``isend``, ``irecv``, ``send``, ``recv``), e.g. by a fake in tests.
     """
 
-    def __init__(self, device: torch.device | str = "cpu", *, comm=None) -> None:
+    def __init__(self, device: torch.device | str | None = None, *, comm=None) -> None:
         import torch.distributed as dist
 
         if comm is None and not dist.is_initialized():
@@ -173,9 +194,7 @@ class DistributedTransport:
         self.dist = comm if comm is not None else dist  # torch.distributed's point-to-point calls (tests: a fake)
         self.rank = self.dist.get_rank()
         self.nccl = self.dist.get_backend() == "nccl"
-        self.comm_device = torch.device(device) if self.nccl else torch.device("cpu")
-        if self.nccl and self.comm_device.type != "cuda":
-            raise ValueError(f"device: NCCL moves CUDA tensors, got {device!r}")
+        self.comm_device = comm_device(self.dist, device)
         self._queue: dict[int, list[Message]] = {}  # peer rank -> this rank's messages with it, in order
         self._issued: dict[int, int] = {}  # peer rank -> how many of them are issued
         self._where: dict[int, tuple[int, int]] = {}  # message key -> (peer rank, place in that peer's queue)

@@ -463,7 +463,7 @@ def build_components(cfg: TrainConfig) -> dict:
         return tiny_components(cfg.seed, cfg.model_config())
     from ..pipeline import Pipeline
 
-    pipe = Pipeline.from_pretrained(cfg.init)
+    pipe = Pipeline.from_pretrained(cfg.init, torch_dtype=torch.float32)  # training keeps fp32 weights on any device
     return {"transformer": pipe.transformer, "vae": pipe.vae.vae, "tokenizer": pipe.text.tokenizer,
             "text_encoder": pipe.text.encoder}  # fmt: skip
 
