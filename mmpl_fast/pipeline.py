@@ -753,13 +753,16 @@ def _sharing_weights(module: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(module, memo)
 
 
-def weights_digest(module: torch.nn.Module) -> str:
-    """A digest of a module's weights: every tensor's name and float sum (a copy and a host sync per tensor, so
-    `Pipeline` computes it once and only for a workdir)."""
+def weights_digest(module: torch.nn.Module, sample: int = 1 << 16) -> str:
+    """A digest of a module's weights: every tensor's name, shape, dtype and the exact bits of up to `sample` of
+    its values, evenly strided (a host copy per tensor, so `Pipeline` computes it once and only for a workdir).
+    Bits, not a float sum: a sum's rounding depends on the thread count, and a resumed run must match."""
     h = hashlib.sha256()
     for k, v in sorted(module.state_dict().items()):
-        h.update(k.encode())
-        h.update(str(float(v.float().sum())).encode())
+        flat = v.detach().reshape(-1)
+        picked = flat[:: max(1, flat.numel() // sample)].cpu().contiguous()
+        h.update(f"{k}:{tuple(v.shape)}:{v.dtype}".encode())
+        h.update(picked.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -57,8 +57,9 @@ def test_preflight_counts_the_loaded_weights_once_and_schedules_within_the_works
         assert placement["workspace"][i] == plan.workspace[i] + (cap - k) * plan.segment_bytes
     assert scheduled == []
     pipe(**CALL)  # a real call passes it on
-    assert plans[-1][0]["loaded"] == [{"weights"}]
-    assert scheduled and all(len(k["workspace"]) == 1 and k["workspace"][0] is not None for k in scheduled)
+    workers = len(plans[-1][0]["loaded"])  # CPU workers (`cpu.cpu_workers`) share the pipeline's weights
+    assert plans[-1][0]["loaded"] == [{"weights"}] * workers
+    assert scheduled and all(len(k["workspace"]) == workers and None not in k["workspace"] for k in scheduled)
 
 
 # -------------------------------------------------------------------------------------------------- replicas
@@ -145,6 +146,12 @@ def test_the_weights_digest_is_computed_once_and_only_for_a_workdir(monkeypatch,
     p(**CALL, workdir=tmp_path / "b")
     assert calls == [p.transformer]
     assert p._weights_digest() == real(p.transformer)  # the cached digest is a fresh one
+    before = torch.get_num_threads()
+    try:  # exact bits, not a float sum whose rounding follows the thread count (the call ran on one thread)
+        digests = {torch.set_num_threads(n) or real(p.transformer) for n in (1, 2)}
+    finally:
+        torch.set_num_threads(before)
+    assert digests == {p._weights_digest()}
     assert run_signature("x", p._weights_digest()) == run_signature("x", p.transformer)  # (computes one: +1)
     before, n, bias = p._weights_digest(), len(calls), p.transformer.head.head.bias.detach().clone()
     with torch.no_grad():
