@@ -273,6 +273,11 @@ def test_evaluate_cli_writes_csv_summary_and_plot(tmp_path, capsys):
     assert evaluate.main([*flags, "--through-vae", "--modes", "mmpl", "--out", str(out / "vae"), "--quiet"]) == 0
     capsys.readouterr()
     assert set(json.loads((out / "vae" / "summary.json").read_text())["mmpl"]["checks"]) == set(evaluate.CHECKS)
+    # the training scenes (for the held-out vs training gap): scene seeds from 0, not from HELDOUT_SEED
+    assert evaluate.main([*flags, "--training-scenes", "--modes", "mmpl", "--out", str(out / "train")]) == 0
+    capsys.readouterr()
+    scenes = {line.split(",")[1] for line in (out / "train" / "rows.csv").read_text().splitlines()[1:]}
+    assert scenes == {"0"}
 
 
 def test_evaluate_docs_flag_rewrites_the_readme_figures(tmp_path, capsys):

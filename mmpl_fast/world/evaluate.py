@@ -289,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --ground-truth: clips pass through the model's VAE first (its ceiling)")  # fmt: skip
     p.add_argument("--modes", default="mmpl,ar", help="comma-separated generation modes (default %(default)s)")
     p.add_argument("--prompts", type=int, default=8, help="held-out scenes (default %(default)s)")
+    p.add_argument("--training-scenes", action="store_true",
+                   help="measure the first training scenes, not held-out ones (the generalisation gap)")  # fmt: skip
     p.add_argument("--seeds", type=int, default=1, help="generation seeds per scene (default %(default)s)")
     p.add_argument("--seconds", type=float, default=60.0, help="video length (default %(default)s)")
     p.add_argument("--height", type=int, default=None, help="pixels (default: the model's size)")
@@ -306,6 +308,7 @@ def _videos(args, modes):
     """(mode, scene, seed, frames [T, H, W, 3], prompt) for every video to measure."""
     from .train import HELDOUT_SEED
 
+    first = 0 if args.training_scenes else HELDOUT_SEED
     num_frames = round(args.seconds * world.FPS) + 1
     pipe = None
     if not args.ground_truth or args.through_vae:
@@ -315,7 +318,7 @@ def _videos(args, modes):
     height = args.height or (pipe.default_size[0] if pipe else 64)
     width = args.width or (pipe.default_size[1] if pipe else 64)
     for k in range(args.prompts):
-        scene = world.sample_scene(HELDOUT_SEED + k)
+        scene = world.sample_scene(first + k)
         prompt = world.caption(scene)
         for seed in range(args.seeds):
             for mode in modes:
@@ -326,7 +329,7 @@ def _videos(args, modes):
                 else:
                     frames = pipe(prompt=prompt, num_frames=num_frames, height=height, width=width, mode=mode,
                                   seed=seed, progress=not args.quiet).frames[0]  # fmt: skip
-                yield mode, HELDOUT_SEED + k, seed, frames, prompt
+                yield mode, first + k, seed, frames, prompt
 
 
 def _through_vae(vae, frames: np.ndarray) -> np.ndarray:
@@ -451,7 +454,8 @@ def _title(args) -> str:
     what = "rendered world" + (" through the VAE" if args.through_vae else "") if args.ground_truth else "generated"
     model = "" if args.ground_truth and not args.through_vae else f", model {args.model or 'embedded'}"
     seeds = f"{args.seeds} seed{'s' if args.seeds != 1 else ''}"
-    return f"{what}: {args.prompts} held-out scenes x {seeds}, {args.seconds:g} s{model}"
+    scenes = "training" if args.training_scenes else "held-out"
+    return f"{what}: {args.prompts} {scenes} scenes x {seeds}, {args.seconds:g} s{model}"
 
 
 if __name__ == "__main__":
