@@ -16,8 +16,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
-import torch
 from conftest import record
 
 from mmpl_fast import embedded
@@ -111,7 +111,7 @@ def test_twenty_second_video_on_a_busy_machine(benchmark, pipe, idle_run, busy):
             p.kill()
             p.wait()
     out, seconds = result["out"], result["seconds"]
-    assert torch.equal(out.frames, idle_run[1])  # the same video, whatever the load
+    assert np.array_equal(out.frames, idle_run[1])  # the same video, whatever the load
     workers = len({p.device for p in out.info["measured"].placements if p.device >= 0})
     name = "idle" if busy == 0 else f"{busy} core{'s' if busy > 1 else ''} taken"
     record(
